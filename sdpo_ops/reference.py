@@ -1,0 +1,190 @@
+"""The naive SDPO loss: SPEC section 2 line by line, materialising full ``[N, V]`` logits.
+
+This module *is* the specification in code. It is the oracle of every test and the baseline of every
+benchmark, so it stays short and obviously right and is never optimised: plain autograd does the
+backward. Arguments are assumed valid (``sdpo_ops.loss`` validates before dispatching here).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Clamp of the top-K log-mass before log(1 - mass): keeps the tail finite when the top-K holds
+# (numerically) all the probability. The official code and TRL use the same constant.
+TAIL_LOG_MASS_MAX = -1e-7
+# Clamp of the log importance ratio before exp (official code and TRL).
+IS_LOG_RATIO_LIMIT = 20.0
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """fp32 for bf16/fp16/fp32, fp64 stays fp64 (gradcheck runs the oracle in fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _xlogy_difference(log_p: Tensor, log_r: Tensor) -> Tensor:
+    """``p * (log p - log r)`` with the convention ``0 * anything = 0`` (for -inf logits)."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_r), torch.zeros_like(p))
+
+
+def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, alpha: float) -> Tensor:
+    """Per-row generalised JSD over the last dimension (log-probabilities in, divergence out).
+
+    ``alpha = 0`` is ``KL(teacher || student)``, ``alpha = 1`` is ``KL(student || teacher)``,
+    otherwise ``(1 - alpha) KL(p || m) + alpha KL(q || m)`` with ``m = (1 - alpha) p + alpha q``.
+    """
+    if alpha == 0.0:
+        return _xlogy_difference(teacher_logp, student_logp).sum(-1)
+    if alpha == 1.0:
+        return _xlogy_difference(student_logp, teacher_logp).sum(-1)
+    log_m = torch.logaddexp(student_logp + math.log(1.0 - alpha), teacher_logp + math.log(alpha))
+    return (1.0 - alpha) * _xlogy_difference(student_logp, log_m).sum(-1) + alpha * _xlogy_difference(
+        teacher_logp, log_m
+    ).sum(-1)
+
+
+def _append_tail(support_logp: Tensor) -> Tensor:
+    """Append the bin ``log(1 - sum exp(support_logp))`` holding the mass outside the support."""
+    log_mass = torch.logsumexp(support_logp, dim=-1, keepdim=True)
+    tail = torch.log(-torch.expm1(torch.clamp(log_mass, max=TAIL_LOG_MASS_MAX)))
+    return torch.cat([support_logp, tail], dim=-1)
+
+
+def per_token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    topk: int | None,
+    add_tail: bool,
+    alpha: float,
+    temperature: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Divergence per row of ``[N, V]`` logits.
+
+    Returns ``(divergence [N], student_logp [N, V], topk_mass [N])``; ``topk_mass`` is the student's
+    probability captured by the top-K (1 for the full vocabulary).
+    """
+    student_logp = torch.log_softmax(_at_least_fp32(student_logits) / temperature, dim=-1)
+    teacher_logp = torch.log_softmax(_at_least_fp32(teacher_logits) / temperature, dim=-1)
+    if topk is None:
+        student_support, teacher_support = student_logp, teacher_logp
+        topk_mass = torch.ones(student_logp.shape[:-1], device=student_logp.device)
+    else:
+        index = torch.topk(student_logp, topk, dim=-1).indices
+        student_support = student_logp.gather(-1, index)
+        teacher_support = teacher_logp.gather(-1, index)
+        topk_mass = student_support.exp().sum(-1)
+        if add_tail:
+            student_support, teacher_support = _append_tail(student_support), _append_tail(teacher_support)
+        else:
+            student_support = student_support - torch.logsumexp(student_support, -1, keepdim=True)
+            teacher_support = teacher_support - torch.logsumexp(teacher_support, -1, keepdim=True)
+    return generalized_jsd(student_support, teacher_support, alpha), student_logp, topk_mass
+
+
+def importance_weight(target_logprobs: Tensor, old_logprobs: Tensor, is_clip: float) -> Tensor:
+    """``min(exp(clamp(logp - old, -20, 20)), is_clip)``, detached."""
+    log_ratio = torch.clamp(target_logprobs.detach() - _at_least_fp32(old_logprobs), -IS_LOG_RATIO_LIMIT, IS_LOG_RATIO_LIMIT)
+    return torch.clamp(log_ratio.exp(), max=is_clip)
+
+
+def reduce_per_token_loss(
+    per_token: Tensor, mask: Tensor, reduction: str, normalizer: Tensor | float | None = None
+) -> Tensor:
+    """Apply one of the verl reductions to a ``[B, T]`` (or ``[N]``) per-token loss, mask already applied.
+
+    ``normalizer`` replaces the outer denominator: the token count of ``"token-mean"``, the number of
+    sequences of the ``"seq-mean-*"`` reductions.
+    """
+    if reduction == "none":
+        return per_token
+    if reduction == "sum":
+        return per_token.sum()
+    if reduction == "token-mean":
+        denominator = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
+        return per_token.sum() / denominator
+    per_sequence_loss = per_token.reshape(-1, per_token.shape[-1]) if per_token.dim() > 0 else per_token.reshape(1, 1)
+    per_sequence_mask = mask.reshape(per_sequence_loss.shape)
+    per_sequence = per_sequence_loss.sum(-1)
+    if reduction == "seq-mean-token-mean":
+        per_sequence = per_sequence / per_sequence_mask.sum(-1).clamp(min=1.0)
+    elif reduction != "seq-mean-token-sum":
+        raise ValueError(f"unknown reduction {reduction!r}")
+    denominator = per_sequence.shape[0] if normalizer is None else normalizer
+    return per_sequence.sum() / denominator
+
+
+def sdpo_loss_reference_from_logits(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    mask: Tensor | None = None,
+    target_ids: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    topk: int | None = 100,
+    add_tail: bool = True,
+    alpha: float = 0.5,
+    is_clip: float | None = 2.0,
+    temperature: float = 1.0,
+    reduction: str = "token-mean",
+    normalizer: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
+) -> dict[str, Tensor | None]:
+    """Naive SDPO loss on ``[..., V]`` logits (student and teacher), every intermediate materialised.
+
+    Returns a dict with ``loss`` (reduced as asked), ``target_logprobs`` (``[...]``, with gradient;
+    ``None`` without ``target_ids``), ``is_weight`` (``[...]``, detached; ``None`` without IS) and
+    ``topk_mass`` (``[...]``, detached).
+    """
+    leading_shape = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    divergence, student_logp, topk_mass = per_token_divergence(
+        student_logits.reshape(-1, vocab),
+        teacher_logits.detach().reshape(-1, vocab),
+        topk=topk,
+        add_tail=add_tail,
+        alpha=alpha,
+        temperature=temperature,
+    )
+    per_token = divergence
+    target_logprobs = is_weight = None
+    if target_ids is not None:
+        target_logprobs = student_logp.gather(-1, target_ids.reshape(-1, 1).long()).squeeze(-1)
+    if old_logprobs is not None and is_clip is not None:
+        is_weight = importance_weight(target_logprobs, old_logprobs.reshape(-1), is_clip)
+        per_token = per_token * is_weight
+    if token_weights is not None:
+        per_token = per_token * _at_least_fp32(token_weights.detach().reshape(-1))
+    flat_mask = torch.ones_like(per_token) if mask is None else mask.reshape(-1).to(per_token.dtype)
+    per_token = torch.where(flat_mask != 0, per_token * flat_mask, torch.zeros_like(per_token))
+    loss = reduce_per_token_loss(per_token.reshape(leading_shape), flat_mask.reshape(leading_shape), reduction, normalizer)
+
+    def unflatten(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.reshape(leading_shape)
+
+    return {
+        "loss": loss,
+        "target_logprobs": unflatten(target_logprobs),
+        "is_weight": unflatten(is_weight),
+        "topk_mass": unflatten(topk_mass.detach()),
+    }
+
+
+def sdpo_loss_reference(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    **options,
+) -> dict[str, Tensor | None]:
+    """Naive SDPO loss from hidden states and lm_head weights: full logits, then the logits path."""
+    student_logits = _at_least_fp32(torch.nn.functional.linear(student_hidden, student_weight, student_bias))
+    with torch.no_grad():
+        teacher_logits = _at_least_fp32(torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias))
+    return sdpo_loss_reference_from_logits(student_logits, teacher_logits, **options)

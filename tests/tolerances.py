@@ -1,0 +1,22 @@
+"""Every tolerance of the suite in one table (never loosened to make a test pass).
+
+fp32 comparisons are elementwise. bf16/fp16 comparisons are norm-relative (``||a - b|| / ||b||``) and
+bounded by the error of the same-dtype naive path against an fp64 ground truth, times a small margin.
+"""
+
+import torch
+
+ELEMENTWISE = {
+    torch.float64: {"rtol": 1e-9, "atol": 1e-10},
+    torch.float32: {"rtol": 2e-4, "atol": 2e-5},
+}
+
+# Margin over the naive same-dtype path's own error (CCE's principle).
+LOW_PRECISION_MARGIN = 2.0
+# Absolute floor of the norm-relative error bound, for cases where the naive path happens to be exact.
+LOW_PRECISION_FLOOR = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def norm_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
