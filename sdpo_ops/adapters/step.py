@@ -1,0 +1,215 @@
+"""One SDPO loss evaluation for a hand-written loop: two backbone forwards and one ``sdpo_loss`` call.
+
+Neither model's lm_head is applied: the backbones return hidden states, the completion positions are
+sliced out, and :func:`sdpo_ops.sdpo_loss` fuses the lm_head into the loss, so no ``[B, T, V]`` logits
+exist. The teacher runs first, under ``torch.no_grad()``, so its activations are freed before the
+student's graph is built.
+
+This assumes ``logits = lm_head(last_hidden_state)``, true of the common causal LMs (Llama, Qwen, Mistral,
+SmolLM, Phi, ...). Models that transform the logits afterwards (Gemma's final soft-capping, Cohere's
+``logit_scale``, Granite's ``logits_scaling``) are refused with an error rather than trained on a
+different objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from sdpo_ops.adapters.batch import SDPOBatch
+from sdpo_ops.adapters.teacher import EMATeacher
+from sdpo_ops.loss import SDPOOutput, sdpo_loss
+
+# Config attributes that change logits after the lm_head, with the value that means "no change".
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+@dataclass
+class SDPOStepOutput:
+    """What :func:`sdpo_step` returns.
+
+    Attributes:
+        loss: 0-dim loss with gradient into the student (call ``loss.backward()``).
+        output: the :class:`sdpo_ops.SDPOOutput` of the loss call (``target_logprobs`` ``[B, T]`` with
+            gradient, the teacher's detached ``teacher_target_logprobs``, IS weights, top-K mass).
+        loss_mask: ``[B, T]`` float, completion mask times the per-sample self-distillation mask.
+        metrics: detached 0-dim tensors: ``loss``, the loss's metrics, ``self_distillation_fraction``
+            (samples with a teacher signal) and ``num_loss_tokens``.
+    """
+
+    loss: Tensor
+    output: SDPOOutput
+    loss_mask: Tensor
+    metrics: dict[str, Tensor]
+
+
+def _refuse_logit_transforms(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    configs = [config]
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        configs.append(get_text_config())
+    for cfg in configs:
+        for name, neutral in _LOGIT_TRANSFORMS.items():
+            value = getattr(cfg, name, None)
+            if value is not None and value != neutral:
+                raise NotImplementedError(
+                    f"{type(model).__name__} sets config.{name}={value!r}, which transforms the logits after the "
+                    "lm_head; sdpo_step computes lm_head(hidden) only and would train on a different objective. "
+                    "Use sdpo_ops.sdpo_loss_from_logits on the model's logits instead."
+                )
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | None]:
+    """``(backbone, lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM (or a PEFT wrapper).
+
+    The backbone is the module that returns the final (normed) hidden states: ``model.get_decoder()``, else
+    ``model.model``. Raises for models whose logits are not ``lm_head(hidden)``.
+    """
+    _refuse_logit_transforms(model)
+    backbone = None
+    get_decoder = getattr(model, "get_decoder", None)
+    if callable(get_decoder):
+        backbone = get_decoder()
+    if backbone is None or backbone is model:
+        backbone = getattr(model, "model", None)
+    if not isinstance(backbone, nn.Module) or backbone is model:
+        raise TypeError(
+            f"cannot find the backbone of {type(model).__name__}: expected model.get_decoder() or model.model "
+            "returning the last hidden states"
+        )
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear):
+        raise TypeError(
+            f"the output embedding of {type(model).__name__} is {type(head).__name__}, not a plain torch.nn.Linear "
+            "(an adapter on the lm_head, or no lm_head): sdpo_step needs logits = hidden @ weight.T + bias"
+        )
+    return backbone, head.weight, head.bias
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """``[B, L]`` position ids that count only attended tokens, as ``model.generate`` assigns them.
+
+    With left padding, ``arange(L)`` would shift every position by the padding width, so the same sequence
+    would score differently depending on its batch neighbours.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_hidden_states(
+    backbone: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    num_completion_tokens: int,
+    *,
+    position_ids_from_mask: bool = True,
+) -> Tensor:
+    """``[B, T, H]`` hidden states at the positions that predict the last ``T`` tokens of ``input_ids``.
+
+    The state at column ``p`` predicts the token at ``p + 1``, so the completion's ``T`` tokens (columns
+    ``[L - T, L)``) are predicted by columns ``[L - T - 1, L - 1)``.
+    """
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids_from_mask:
+        kwargs["position_ids"] = positions_from_mask(attention_mask)
+    outputs = backbone(**kwargs)
+    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
+    return hidden[:, -num_completion_tokens - 1 : -1]
+
+
+def sdpo_step(
+    student: nn.Module,
+    teacher: EMATeacher | nn.Module | None,
+    batch: SDPOBatch,
+    *,
+    reduction: str = "seq-mean-token-mean",
+    position_ids_from_mask: bool = True,
+    **loss_options: Any,
+) -> SDPOStepOutput:
+    """SDPO loss of the student on a batch of its completions, against the teacher on the reprompted inputs.
+
+    Computes exactly: ``sdpo_ops.reference.sdpo_loss_reference_from_logits(student_logits, teacher_logits,
+    mask=completion_mask * self_distillation_mask, target_ids=completion_ids, old_logprobs=old_logprobs, ...)``
+    where ``*_logits`` are the models' logits (``model(input_ids, attention_mask, position_ids).logits``) at
+    the positions that predict the completion tokens, without ever forming them.
+
+    Args:
+        student: the causal LM being trained (plain ``transformers`` model or PEFT wrapper).
+        teacher: an :class:`EMATeacher`, a separate frozen model, or None for the live student (TRL's
+            ``teacher_model_kind="live"``, run in the student's current mode, dropout included), always
+            under ``torch.no_grad()``.
+        batch: an :class:`SDPOBatch` (see :func:`sdpo_ops.adapters.build_sdpo_batch`).
+        reduction: default ``"seq-mean-token-mean"``: the mean over sequences of each one's token mean, which
+            is TRL's reduction and, in effect, the official one (token mean per micro-batch of one sequence).
+        position_ids_from_mask: pass position ids counted from the attention mask (as ``generate`` does), so
+            left padding does not shift positions; False lets the model use ``arange(L)``.
+        **loss_options: the other keyword arguments of :func:`sdpo_ops.sdpo_loss` (``topk``, ``add_tail``,
+            ``alpha``, ``is_clip``, ``temperature``, ``normalizer``, ``token_weights``, ``backend``, ...).
+
+    Returns:
+        An :class:`SDPOStepOutput`; call ``result.loss.backward()``.
+    """
+    for reserved in ("mask", "target_ids", "old_logprobs", "return_outputs"):
+        if reserved in loss_options:
+            raise TypeError(f"sdpo_step sets {reserved!r} from the batch; do not pass it")
+    num_completion = batch.completion_ids.shape[1]
+
+    teacher_model = student if teacher is None else teacher
+    with torch.no_grad():
+        if isinstance(teacher_model, EMATeacher):
+            with teacher_model.forward_context() as model:
+                teacher_hidden, teacher_weight, teacher_bias = _teacher_side(
+                    model, batch, num_completion, position_ids_from_mask
+                )
+        else:
+            teacher_hidden, teacher_weight, teacher_bias = _teacher_side(
+                teacher_model, batch, num_completion, position_ids_from_mask
+            )
+
+    backbone, student_weight, student_bias = backbone_and_head(student)
+    student_hidden = completion_hidden_states(
+        backbone, batch.input_ids, batch.attention_mask, num_completion, position_ids_from_mask=position_ids_from_mask
+    )
+    loss_mask = batch.completion_mask.float()
+    if batch.self_distillation_mask is not None:
+        loss_mask = loss_mask * batch.self_distillation_mask.float().unsqueeze(1)
+    output = sdpo_loss(
+        student_hidden,
+        student_weight,
+        teacher_hidden,
+        teacher_weight,
+        student_bias=student_bias,
+        teacher_bias=teacher_bias,
+        mask=loss_mask,
+        target_ids=batch.completion_ids,
+        old_logprobs=batch.old_logprobs,
+        reduction=reduction,
+        return_outputs=True,
+        **loss_options,
+    )
+    metrics = {"loss": output.loss.detach(), **output.metrics}
+    if batch.self_distillation_mask is not None:
+        metrics["self_distillation_fraction"] = batch.self_distillation_mask.float().mean()
+    metrics["num_loss_tokens"] = loss_mask.sum()
+    return SDPOStepOutput(loss=output.loss, output=output, loss_mask=loss_mask, metrics=metrics)
+
+
+def _teacher_side(
+    model: nn.Module, batch: SDPOBatch, num_completion: int, position_ids_from_mask: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    backbone, weight, bias = backbone_and_head(model)
+    hidden = completion_hidden_states(
+        backbone,
+        batch.teacher_input_ids,
+        batch.teacher_attention_mask,
+        num_completion,
+        position_ids_from_mask=position_ids_from_mask,
+    )
+    # Detached copies: in shadow mode the weight is swapped back out of the model when the context exits.
+    return hidden.detach(), weight.detach(), None if bias is None else bias.detach()
