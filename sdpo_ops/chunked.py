@@ -100,8 +100,12 @@ class _Gradients:
     def allocate(cls, needs: tuple[bool, bool, bool], hidden: Tensor, weight: Tensor) -> _Gradients:
         return cls(
             torch.zeros_like(hidden) if needs[0] else None,
-            torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype), device=weight.device) if needs[1] else None,
-            torch.zeros(weight.shape[0], dtype=accumulation_dtype(weight.dtype), device=weight.device) if needs[2] else None,
+            torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype), device=weight.device)
+            if needs[1]
+            else None,
+            torch.zeros(weight.shape[0], dtype=accumulation_dtype(weight.dtype), device=weight.device)
+            if needs[2]
+            else None,
         )
 
     def add_chunk(self, rows: slice, logit_grad: Tensor, hidden: Tensor, weight: Tensor) -> None:
@@ -176,7 +180,11 @@ class ChunkedSDPOFunction(torch.autograd.Function):
                     s_lse, s_topk_logits, t_lse, t_gathered[:, :topk], add_tail=options.add_tail, alpha=options.alpha
                 )
                 divergence = support.divergence
-                dense_grad[rows], sparse_grad[rows], topk_mass[rows] = support.dense_grad, support.sparse_grad, support.topk_mass
+                dense_grad[rows], sparse_grad[rows], topk_mass[rows] = (
+                    support.dense_grad,
+                    support.sparse_grad,
+                    support.topk_mass,
+                )
                 topk_index[rows] = s_topk_index
             if targets is not None:
                 target_logprobs[rows] = s_target_logit - s_lse
@@ -190,8 +198,19 @@ class ChunkedSDPOFunction(torch.autograd.Function):
 
             if form_grad_now:
                 teacher = (zt, t_lse) if options.topk is None else None
-                _form_logit_grad(row_ops, options, zs, s_lse, row_scale, dense_grad[rows], s_topk_index,
-                                 sparse_grad[rows], teacher, None, None)
+                _form_logit_grad(
+                    row_ops,
+                    options,
+                    zs,
+                    s_lse,
+                    row_scale,
+                    dense_grad[rows],
+                    s_topk_index,
+                    sparse_grad[rows],
+                    teacher,
+                    None,
+                    None,
+                )
                 grads.add_chunk(rows, zs, student_hidden, student_weight)
 
         ctx.options, ctx.row_ops = options, row_ops
@@ -199,8 +218,20 @@ class ChunkedSDPOFunction(torch.autograd.Function):
         ctx.student_bias_dtype = None if student_bias is None else student_bias.dtype
         ctx.precomputed = grads
         ctx.save_for_backward(
-            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
-            row_weight, is_weight, student_lse, teacher_lse, topk_index, sparse_grad, dense_grad,
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            target_ids,
+            row_weight,
+            is_weight,
+            student_lse,
+            teacher_lse,
+            topk_index,
+            sparse_grad,
+            dense_grad,
         )
         ctx.mark_non_differentiable(teacher_target_logprobs, is_weight, topk_mass)
         loss = per_token_loss.sum() if options.grad_in_forward else per_token_loss
@@ -208,8 +239,22 @@ class ChunkedSDPOFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_target_logprobs, _grad_teacher_logprobs, _grad_is_weight, _grad_topk_mass):
-        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
-         row_weight, is_weight, student_lse, teacher_lse, topk_index, sparse_grad, dense_grad) = ctx.saved_tensors
+        (
+            student_hidden,
+            student_weight,
+            student_bias,
+            teacher_hidden,
+            teacher_weight,
+            teacher_bias,
+            target_ids,
+            row_weight,
+            is_weight,
+            student_lse,
+            teacher_lse,
+            topk_index,
+            sparse_grad,
+            dense_grad,
+        ) = ctx.saved_tensors
         options = ctx.options
         needs_grad = tuple(ctx.needs_input_grad[:3])
         grads = _Gradients(None, None, None)
@@ -227,14 +272,30 @@ class ChunkedSDPOFunction(torch.autograd.Function):
         if (loss_scale is not None or grad_target_logprobs is not None) and any(needs_grad):
             recomputed = _Gradients.allocate(needs_grad, student_hidden, student_weight)
             _recompute_pass(
-                ctx.row_ops, options, recomputed, student_hidden, student_weight, student_bias, teacher_hidden,
-                teacher_weight, teacher_bias, target_ids, loss_scale, grad_target_logprobs, student_lse, teacher_lse,
-                topk_index, sparse_grad, dense_grad,
+                ctx.row_ops,
+                options,
+                recomputed,
+                student_hidden,
+                student_weight,
+                student_bias,
+                teacher_hidden,
+                teacher_weight,
+                teacher_bias,
+                target_ids,
+                loss_scale,
+                grad_target_logprobs,
+                student_lse,
+                teacher_lse,
+                topk_index,
+                sparse_grad,
+                dense_grad,
             )
-            grads = _Gradients(*(
-                new if old is None else old + new
-                for old, new in zip((grads.hidden, grads.weight, grads.bias), (recomputed.hidden, recomputed.weight, recomputed.bias))
-            ))
+            pairs = zip(
+                (grads.hidden, grads.weight, grads.bias),
+                (recomputed.hidden, recomputed.weight, recomputed.bias),
+                strict=True,
+            )
+            grads = _Gradients(*(new if old is None else old + new for old, new in pairs))
         grad_weight = None if grads.weight is None else grads.weight.to(student_weight.dtype)
         grad_bias = None if grads.bias is None else grads.bias.to(ctx.student_bias_dtype)
         return (
@@ -285,8 +346,23 @@ def _form_logit_grad(
 
 
 def _recompute_pass(
-    row_ops, options, grads, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-    teacher_bias, target_ids, loss_scale, target_scale, student_lse, teacher_lse, topk_index, sparse_grad, dense_grad,
+    row_ops,
+    options,
+    grads,
+    student_hidden,
+    student_weight,
+    student_bias,
+    teacher_hidden,
+    teacher_weight,
+    teacher_bias,
+    target_ids,
+    loss_scale,
+    target_scale,
+    student_lse,
+    teacher_lse,
+    topk_index,
+    sparse_grad,
+    dense_grad,
 ) -> None:
     num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
     inv_temperature = 1.0 / options.temperature
@@ -305,8 +381,16 @@ def _recompute_pass(
             zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, inv_temperature)
             teacher = (zt, teacher_lse[rows])
         _form_logit_grad(
-            row_ops, options, zs, student_lse[rows], loss_scale[rows], dense_grad[rows], topk_index[rows],
-            sparse_grad[rows], teacher, None if target_ids is None else target_ids[rows],
+            row_ops,
+            options,
+            zs,
+            student_lse[rows],
+            loss_scale[rows],
+            dense_grad[rows],
+            topk_index[rows],
+            sparse_grad[rows],
+            teacher,
+            None if target_ids is None else target_ids[rows],
             None if target_scale is None else target_scale[rows],
         )
         grads.add_chunk(rows, zs, student_hidden, student_weight)

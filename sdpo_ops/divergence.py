@@ -112,4 +112,3 @@ def topk_divergence(
     divergence, grad = generalized_jsd_and_grad(student_renorm, teacher_renorm, alpha)
     sparse = grad - student_renorm.exp() * grad.sum(-1, keepdim=True)
     return SupportDivergence(divergence, sparse, torch.zeros_like(divergence), topk_mass)
-

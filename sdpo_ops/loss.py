@@ -59,7 +59,9 @@ def _check_per_token(name: str, value: Tensor | None, leading_shape: torch.Size,
         return
     _check_tensor(name, value, device=device)
     if value.shape != leading_shape:
-        raise ValueError(f"{name} must have shape {tuple(leading_shape)} (the tokens' leading shape), got {tuple(value.shape)}")
+        raise ValueError(
+            f"{name} must have shape {tuple(leading_shape)} (the tokens' leading shape), got {tuple(value.shape)}"
+        )
 
 
 def _check_options(*, vocab: int, topk, alpha, is_clip, temperature, reduction, normalizer, backend) -> None:
@@ -116,8 +118,9 @@ def _check_targets(target_ids: Tensor | None, old_logprobs: Tensor | None, vocab
         raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
     # One host sync, before any kernel runs: an out-of-range id would otherwise read out of bounds.
     if target_ids.numel() and (int(target_ids.min()) < 0 or int(target_ids.max()) >= vocab):
-        raise ValueError(f"target_ids must lie in [0, V={vocab}), got values in "
-                         f"[{int(target_ids.min())}, {int(target_ids.max())}]")
+        raise ValueError(
+            f"target_ids must lie in [0, V={vocab}), got values in [{int(target_ids.min())}, {int(target_ids.max())}]"
+        )
 
 
 def _reduction_coefficients(mask: Tensor, reduction: str, normalizer) -> Tensor:
@@ -245,31 +248,58 @@ def sdpo_loss(
         )
     vocab = student_weight.shape[0]
     if teacher_weight.shape[0] != vocab:
-        raise ValueError(f"vocab mismatch: student_weight has V={vocab} rows, teacher_weight has {teacher_weight.shape[0]}")
-    for name, value in (("mask", mask), ("target_ids", target_ids), ("old_logprobs", old_logprobs),
-                        ("token_weights", token_weights)):
+        raise ValueError(
+            f"vocab mismatch: student_weight has V={vocab} rows, teacher_weight has {teacher_weight.shape[0]}"
+        )
+    for name, value in (
+        ("mask", mask),
+        ("target_ids", target_ids),
+        ("old_logprobs", old_logprobs),
+        ("token_weights", token_weights),
+    ):
         _check_per_token(name, value, leading_shape, device)
     if isinstance(normalizer, Tensor):
         _check_tensor("normalizer", normalizer, device=device)
-    _check_options(vocab=vocab, topk=topk, alpha=alpha, is_clip=is_clip, temperature=temperature,
-                   reduction=reduction, normalizer=normalizer, backend=backend)
+    _check_options(
+        vocab=vocab,
+        topk=topk,
+        alpha=alpha,
+        is_clip=is_clip,
+        temperature=temperature,
+        reduction=reduction,
+        normalizer=normalizer,
+        backend=backend,
+    )
     _check_targets(target_ids, old_logprobs, vocab)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
     mask_dtype = accumulation_dtype(student_hidden.dtype)
-    float_mask = (torch.ones(leading_shape, device=device, dtype=mask_dtype) if mask is None else mask.to(mask_dtype))
+    float_mask = torch.ones(leading_shape, device=device, dtype=mask_dtype) if mask is None else mask.to(mask_dtype)
     float_mask = float_mask.detach()
     if backend == "auto":
         backend = "triton" if device.type == "cuda" else "torch"
     if backend == "reference":
         result = sdpo_loss_reference(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
-            teacher_bias=teacher_bias, mask=float_mask, target_ids=target_ids, old_logprobs=old_logprobs, topk=topk,
-            add_tail=add_tail, alpha=alpha, is_clip=is_clip, temperature=temperature, reduction=reduction,
-            normalizer=normalizer, token_weights=token_weights,
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            mask=float_mask,
+            target_ids=target_ids,
+            old_logprobs=old_logprobs,
+            topk=topk,
+            add_tail=add_tail,
+            alpha=alpha,
+            is_clip=is_clip,
+            temperature=temperature,
+            reduction=reduction,
+            normalizer=normalizer,
+            token_weights=token_weights,
         )
-        return _package(result, return_outputs, target_ids, is_clip, float_mask, teacher_target_logprobs=None)
+        return _package(result, return_outputs, target_ids, is_clip, float_mask)
 
     row_ops = _triton_row_ops(device) if backend == "triton" else torch_row_ops
     num_tokens = leading_shape.numel()
@@ -280,37 +310,46 @@ def sdpo_loss(
     if token_weights is not None:
         row_weight = row_weight * token_weights.detach().to(mask_dtype)
     options = FusedOptions(
-        topk=topk, add_tail=add_tail, alpha=float(alpha), is_clip=None if is_clip is None else float(is_clip),
-        temperature=float(temperature), grad_in_forward=grad_in_forward,
+        topk=topk,
+        add_tail=add_tail,
+        alpha=float(alpha),
+        is_clip=None if is_clip is None else float(is_clip),
+        temperature=float(temperature),
+        grad_in_forward=grad_in_forward,
         chunk_size=chunk_size or default_chunk_size(num_tokens, vocab, device),
     )
     use_is = old_logprobs is not None and is_clip is not None
     loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass = ChunkedSDPOFunction.apply(
-        student_hidden.reshape(num_tokens, -1), student_weight, student_bias,
-        teacher_hidden.detach().reshape(num_tokens, -1), teacher_weight.detach(),
+        student_hidden.reshape(num_tokens, -1),
+        student_weight,
+        student_bias,
+        teacher_hidden.detach().reshape(num_tokens, -1),
+        teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
         None if target_ids is None else target_ids.reshape(-1).long(),
         None if old_logprobs is None else old_logprobs.detach().reshape(-1),
-        row_weight.reshape(-1), options, row_ops,
+        row_weight.reshape(-1),
+        options,
+        row_ops,
     )
     result = {
         "loss": loss if grad_in_forward else loss.reshape(leading_shape),
         "target_logprobs": target_logprobs.reshape(leading_shape),
+        "teacher_target_logprobs": teacher_target_logprobs.reshape(leading_shape),
         "is_weight": is_weight.reshape(leading_shape) if use_is else None,
         "topk_mass": topk_mass.reshape(leading_shape),
     }
-    return _package(result, return_outputs, target_ids, is_clip, float_mask,
-                    teacher_target_logprobs.reshape(leading_shape))
+    return _package(result, return_outputs, target_ids, is_clip, float_mask)
 
 
-def _package(result, return_outputs, target_ids, is_clip, mask, teacher_target_logprobs) -> Tensor | SDPOOutput:
+def _package(result: dict, return_outputs: bool, target_ids, is_clip, mask: Tensor) -> Tensor | SDPOOutput:
     if not return_outputs:
         return result["loss"]
     has_targets = target_ids is not None
     return SDPOOutput(
         loss=result["loss"],
         target_logprobs=result["target_logprobs"] if has_targets else None,
-        teacher_target_logprobs=teacher_target_logprobs if has_targets else None,
+        teacher_target_logprobs=result["teacher_target_logprobs"] if has_targets else None,
         is_weight=result["is_weight"],
         topk_mass=result["topk_mass"],
         metrics=_metrics(result["is_weight"], is_clip, result["topk_mass"], mask),
@@ -353,23 +392,42 @@ def sdpo_loss_from_logits(
     if student_logits.dim() not in (2, 3):
         raise ValueError(f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
     leading_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-    for name, value in (("mask", mask), ("target_ids", target_ids), ("old_logprobs", old_logprobs),
-                        ("token_weights", token_weights)):
+    for name, value in (
+        ("mask", mask),
+        ("target_ids", target_ids),
+        ("old_logprobs", old_logprobs),
+        ("token_weights", token_weights),
+    ):
         _check_per_token(name, value, leading_shape, device)
-    _check_options(vocab=vocab, topk=topk, alpha=alpha, is_clip=is_clip, temperature=temperature,
-                   reduction=reduction, normalizer=normalizer, backend="reference")
-    _check_targets(target_ids, old_logprobs, vocab)
-    float_mask = torch.ones(leading_shape, device=device) if mask is None else mask.float()
-    result = sdpo_loss_reference_from_logits(
-        student_logits, teacher_logits, mask=float_mask, target_ids=target_ids, old_logprobs=old_logprobs, topk=topk,
-        add_tail=add_tail, alpha=alpha, is_clip=is_clip, temperature=temperature, reduction=reduction,
-        normalizer=normalizer, token_weights=token_weights,
+    _check_options(
+        vocab=vocab,
+        topk=topk,
+        alpha=alpha,
+        is_clip=is_clip,
+        temperature=temperature,
+        reduction=reduction,
+        normalizer=normalizer,
+        backend="reference",
     )
-    teacher_target_logprobs = None
-    if target_ids is not None:
-        teacher_logp = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-        teacher_target_logprobs = teacher_logp.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
-    return _package(result, return_outputs, target_ids, is_clip, float_mask, teacher_target_logprobs)
+    _check_targets(target_ids, old_logprobs, vocab)
+    mask_dtype = accumulation_dtype(student_logits.dtype)
+    float_mask = torch.ones(leading_shape, device=device, dtype=mask_dtype) if mask is None else mask.to(mask_dtype)
+    result = sdpo_loss_reference_from_logits(
+        student_logits,
+        teacher_logits,
+        mask=float_mask,
+        target_ids=target_ids,
+        old_logprobs=old_logprobs,
+        topk=topk,
+        add_tail=add_tail,
+        alpha=alpha,
+        is_clip=is_clip,
+        temperature=temperature,
+        reduction=reduction,
+        normalizer=normalizer,
+        token_weights=token_weights,
+    )
+    return _package(result, return_outputs, target_ids, is_clip, float_mask)
 
 
 _HIDDEN_ARGUMENTS = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
@@ -396,7 +454,9 @@ class SDPOLoss(torch.nn.Module):
         self.options = options
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, **overrides):
-        return sdpo_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, **{**self.options, **overrides})
+        return sdpo_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, **{**self.options, **overrides}
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.options.items())

@@ -36,6 +36,10 @@ def generalized_jsd(student_logp: Tensor, teacher_logp: Tensor, alpha: float) ->
     ``alpha = 0`` is ``KL(teacher || student)``, ``alpha = 1`` is ``KL(student || teacher)``,
     otherwise ``(1 - alpha) KL(p || m) + alpha KL(q || m)`` with ``m = (1 - alpha) p + alpha q``.
     """
+    # -inf log-probs (masked vocabulary) become the most negative finite float: exp() is still exactly 0,
+    # and autograd no longer meets (-inf) - (-inf) in the branches torch.where discards.
+    student_logp = student_logp.clamp(min=torch.finfo(student_logp.dtype).min)
+    teacher_logp = teacher_logp.clamp(min=torch.finfo(teacher_logp.dtype).min)
     if alpha == 0.0:
         return _xlogy_difference(teacher_logp, student_logp).sum(-1)
     if alpha == 1.0:
@@ -71,7 +75,7 @@ def per_token_divergence(
     teacher_logp = torch.log_softmax(_at_least_fp32(teacher_logits) / temperature, dim=-1)
     if topk is None:
         student_support, teacher_support = student_logp, teacher_logp
-        topk_mass = torch.ones(student_logp.shape[:-1], device=student_logp.device)
+        topk_mass = torch.ones(student_logp.shape[:-1], device=student_logp.device, dtype=student_logp.dtype)
     else:
         index = torch.topk(student_logp, topk, dim=-1).indices
         student_support = student_logp.gather(-1, index)
@@ -87,7 +91,9 @@ def per_token_divergence(
 
 def importance_weight(target_logprobs: Tensor, old_logprobs: Tensor, is_clip: float) -> Tensor:
     """``min(exp(clamp(logp - old, -20, 20)), is_clip)``, detached."""
-    log_ratio = torch.clamp(target_logprobs.detach() - _at_least_fp32(old_logprobs), -IS_LOG_RATIO_LIMIT, IS_LOG_RATIO_LIMIT)
+    log_ratio = torch.clamp(
+        target_logprobs.detach() - _at_least_fp32(old_logprobs), -IS_LOG_RATIO_LIMIT, IS_LOG_RATIO_LIMIT
+    )
     return torch.clamp(log_ratio.exp(), max=is_clip)
 
 
@@ -136,8 +142,8 @@ def sdpo_loss_reference_from_logits(
     """Naive SDPO loss on ``[..., V]`` logits (student and teacher), every intermediate materialised.
 
     Returns a dict with ``loss`` (reduced as asked), ``target_logprobs`` (``[...]``, with gradient;
-    ``None`` without ``target_ids``), ``is_weight`` (``[...]``, detached; ``None`` without IS) and
-    ``topk_mass`` (``[...]``, detached).
+    ``None`` without ``target_ids``), ``teacher_target_logprobs`` (detached), ``is_weight`` (``[...]``,
+    detached; ``None`` without IS) and ``topk_mass`` (``[...]``, detached).
     """
     leading_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
@@ -150,9 +156,12 @@ def sdpo_loss_reference_from_logits(
         temperature=temperature,
     )
     per_token = divergence
-    target_logprobs = is_weight = None
+    target_logprobs = teacher_target_logprobs = is_weight = None
     if target_ids is not None:
-        target_logprobs = student_logp.gather(-1, target_ids.reshape(-1, 1).long()).squeeze(-1)
+        target_index = target_ids.reshape(-1, 1).long()
+        target_logprobs = student_logp.gather(-1, target_index).squeeze(-1)
+        teacher_logp = torch.log_softmax(_at_least_fp32(teacher_logits.detach()).reshape(-1, vocab) / temperature, -1)
+        teacher_target_logprobs = teacher_logp.gather(-1, target_index).squeeze(-1)
     if old_logprobs is not None and is_clip is not None:
         is_weight = importance_weight(target_logprobs, old_logprobs.reshape(-1), is_clip)
         per_token = per_token * is_weight
@@ -160,7 +169,9 @@ def sdpo_loss_reference_from_logits(
         per_token = per_token * _at_least_fp32(token_weights.detach().reshape(-1))
     flat_mask = torch.ones_like(per_token) if mask is None else mask.reshape(-1).to(per_token.dtype)
     per_token = torch.where(flat_mask != 0, per_token * flat_mask, torch.zeros_like(per_token))
-    loss = reduce_per_token_loss(per_token.reshape(leading_shape), flat_mask.reshape(leading_shape), reduction, normalizer)
+    loss = reduce_per_token_loss(
+        per_token.reshape(leading_shape), flat_mask.reshape(leading_shape), reduction, normalizer
+    )
 
     def unflatten(t: Tensor | None) -> Tensor | None:
         return None if t is None else t.reshape(leading_shape)
@@ -168,6 +179,7 @@ def sdpo_loss_reference_from_logits(
     return {
         "loss": loss,
         "target_logprobs": unflatten(target_logprobs),
+        "teacher_target_logprobs": unflatten(teacher_target_logprobs),
         "is_weight": unflatten(is_weight),
         "topk_mass": unflatten(topk_mass.detach()),
     }

@@ -33,10 +33,7 @@ def student_row_stats(logits: Tensor, topk: int, target_ids: Tensor | None) -> t
     else:
         topk_logits = logits.new_empty(logits.shape[0], 0)
         topk_index = torch.empty(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
-    if target_ids is None:
-        target_logit = torch.zeros_like(lse)
-    else:
-        target_logit = logits.gather(1, target_ids[:, None]).squeeze(1)
+    target_logit = torch.zeros_like(lse) if target_ids is None else logits.gather(1, target_ids[:, None]).squeeze(1)
     return lse, topk_logits, topk_index, target_logit
 
 

@@ -7,9 +7,9 @@ bf16 naive path against the same fp64 ground truth (CCE's principle), times the 
 
 import pytest
 import torch
+from tolerances import LOW_PRECISION_FLOOR, LOW_PRECISION_MARGIN, norm_relative_error
 
 from sdpo_ops import sdpo_loss
-from tests.tolerances import LOW_PRECISION_FLOOR, LOW_PRECISION_MARGIN, norm_relative_error
 
 pytestmark = pytest.mark.gpu
 
@@ -38,9 +38,15 @@ def _loss_and_grads(inputs: dict, dtype: torch.dtype, backend: str, **options):
     hidden = inputs["student_hidden"].to(dtype).requires_grad_()
     weight = inputs["student_weight"].to(dtype).requires_grad_()
     loss = sdpo_loss(
-        hidden, weight, inputs["teacher_hidden"].to(dtype), inputs["teacher_weight"].to(dtype),
-        mask=inputs["mask"], target_ids=inputs["target_ids"], old_logprobs=inputs["old_logprobs"],
-        backend=backend, **options,
+        hidden,
+        weight,
+        inputs["teacher_hidden"].to(dtype),
+        inputs["teacher_weight"].to(dtype),
+        mask=inputs["mask"],
+        target_ids=inputs["target_ids"],
+        old_logprobs=inputs["old_logprobs"],
+        backend=backend,
+        **options,
     )
     loss.backward()
     return loss.detach(), hidden.grad, weight.grad
@@ -53,7 +59,9 @@ def test_triton_bf16_matches_fp64_reference_within_naive_bf16_error(hidden, opti
     truth = _loss_and_grads(inputs, torch.float64, "reference", **options)
     naive = _loss_and_grads(inputs, torch.bfloat16, "reference", **options)
     fused = _loss_and_grads(inputs, torch.bfloat16, "triton", **options)
-    for name, expected, baseline, actual in zip(("loss", "grad hidden", "grad weight"), truth, naive, fused):
+    for name, expected, baseline, actual in zip(
+        ("loss", "grad hidden", "grad weight"), truth, naive, fused, strict=True
+    ):
         bound = max(LOW_PRECISION_MARGIN * norm_relative_error(baseline, expected), LOW_PRECISION_FLOOR[torch.bfloat16])
         error = norm_relative_error(actual, expected)
         assert error <= bound, f"{name}: triton error {error:.3e} > bound {bound:.3e}"
@@ -63,5 +71,5 @@ def test_triton_fp32_matches_torch_backend_at_real_vocabulary():
     inputs = _inputs(64, 896, torch.float32)
     expected = _loss_and_grads(inputs, torch.float32, "torch", topk=100)
     actual = _loss_and_grads(inputs, torch.float32, "triton", topk=100)
-    for e, a in zip(expected, actual):
+    for e, a in zip(expected, actual, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)

@@ -20,3 +20,9 @@ LOW_PRECISION_FLOOR = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
 def norm_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return float((actual - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
+# fp64 results that are exactly 0 or >= 0 in exact arithmetic (teacher == student, a divergence's sign):
+# a few ulps of the O(1) terms that cancel.
+FP64_ZERO_ATOL = 1e-13
+FP64_NONNEGATIVE_SLACK = 1e-12
