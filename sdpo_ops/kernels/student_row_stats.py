@@ -1,0 +1,267 @@
+"""Student row statistics: log-sum-exp, top-K (values and columns) and target logit per row.
+
+Per row ``z`` (``[V]`` fp32, already divided by the temperature):
+
+    keys     packed_j = key(z_j) << 32 | (V - 1 - j)   (int64, all distinct)
+             ``key`` maps the fp32 bits to an int32 of the same order (negative floats get their 31 low
+             bits flipped), so one int64 comparison orders by value, then by *lower* column first.
+    pass 1   over BLOCK_V-wide tiles: the online log-sum-exp
+                 m' = max(m, max_tile z),  s' = s * exp(m - m') + sum_tile exp(z - m')
+             (shift 0 while m' = -inf: -inf tiles and rows stay NaN-free; lse = m + log s), and the max
+             logit of every SUB-wide sub-block, kept in registers ([NB_PAD] fp32, position = block id).
+    select   the K largest sub-blocks by (max, lower block id), found as the top K_PAD (next power of two
+             >= max(K, 2)) of their packed keys: the candidates. Every top-K key lies in a candidate: an
+             element e of any other block B is beaten by the max element of each of the K candidates
+             (a larger value, or the same value in a lower block, hence a lower column).
+    pass 2   over the K candidate blocks only, GROUP at a time (a gathered [GROUP, SUB] tile): the top
+             K_PAD keys of the tile by a bitonic top-k network, merged into the running top-K_PAD (kept
+             descending) by one bitonic half-cleaner ``max(running, tile_ascending)`` and a
+             log2(K_PAD)-stage bitonic merge.
+    target   one load of ``z[target]``.
+
+The bitonic work touches K * SUB + NB_PAD keys per row instead of V (at V=151936, K=100, SUB=128:
+~15K instead of 152K). Written: ``lse [C]``; the first K of the running set unpacked to
+``topk_logits [C, K]`` (exact: the key is a bijection of the fp32 bits) and ``topk_index [C, K]``
+(int64), sorted by value descending; ``target_logit [C]``.
+
+Tried first: one pass with the network on every BLOCK_V tile (no sub-block selection). Compiled for
+sm_90 with ptxas (no GPU here; estimates, not measurements) at BLOCK_V=2048, K_PAD=128, 8 warps, its
+tile loop is ~3,700 SASS instructions per thread, ~280K per row at V=151936: ~1.2 ms per 512-row chunk
+if issue-bound (~19 ms at N=8192). This two-pass form: ~300 per pass-1 tile, ~3,400 per pass-2 group
+(7 groups at K=100), ~50K per row: ~0.22 ms per 512-row chunk (the fp32 read alone is ~0.09 ms).
+The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
+differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
+_PACKED_MIN = tl.constexpr(-(2**63))
+# (BLOCK_V, sub-blocks per tile, num_warps) per device type: on CUDA SUB = 2048 / 16 = 128; the
+# interpreter favours few, larger tiles (its cost is per op).
+_CUDA_CONFIG = (2048, 16, 8)
+_INTERPRET_CONFIG = (64, 8, 1)
+# Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
+_MAX_BLOCKS = 4096
+
+
+@triton.jit
+def _bitonic_merge(h, LOG_N: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
+    """Sort each bitonic run of ``2**STAGE`` elements of the ``[2] * LOG_N`` hypercube ``h``.
+
+    ORDER 0: ascending, 1: descending, 2: alternating (run r ascending iff bit STAGE of its index is 0).
+    Compare-and-swaps are inlined (no nested jit calls): the interpreter pays per call.
+    """
+    # 0/1 per element: whether its run sorts descending (a constexpr for ORDER 0 and 1)
+    flip = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - STAGE - 1) + [2] + [1] * STAGE) if ORDER == 2 else ORDER
+    # bits STAGE - 1, ..., 0, written as the axis they index (the last axis is bit 0)
+    for axis in tl.static_range(LOG_N - STAGE, LOG_N):
+        # the partner differs in this bit: (a + b) - self over the size-2 axis (int64 wrap-around cancels)
+        partner = tl.sum(h, axis=axis, keep_dims=True) - h
+        is_right = tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (LOG_N - 1 - axis))
+        # the left element keeps the min where flip is 0, the max where flip is 1
+        h = tl.where((h > partner) != (flip ^ is_right), partner, h)
+    return h
+
+
+@triton.jit
+def _tile_topk(packed, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr, ORDER: tl.constexpr):
+    """Top ``2**LOG_K_PAD`` of ``packed [2**LOG_N]`` (a bitonic top-k network), ascending (ORDER 0) or not (1)."""
+    h = tl.reshape(packed, [2] * LOG_N)
+    # sort runs of K_PAD, alternately ascending / descending
+    for stage in tl.static_range(1, LOG_K_PAD + 1):
+        h = _bitonic_merge(h, LOG_N, stage, 2 if stage < LOG_N else ORDER)
+    # halve: the max of an ascending run and the next (descending) one is the top half of both, bitonic
+    for i in tl.static_range(LOG_K_PAD + 1, LOG_N + 1):
+        h = tl.max(h, axis=LOG_N - i)
+        h = _bitonic_merge(h, LOG_N - i + LOG_K_PAD, LOG_K_PAD, 2 if i < LOG_N else ORDER)
+    return tl.reshape(h, [2**LOG_K_PAD])
+
+
+@triton.jit
+def _pack(z, cols, N):
+    """Order-preserving int32 key of the fp32 bits, packed with the reversed column (ties: lower column < N)."""
+    bits = z.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (key.to(tl.int64) << 32) | (N - 1 - cols).to(tl.int64)
+
+
+@triton.jit
+def _student_row_stats_kernel(
+    logits_ptr,
+    target_ids_ptr,
+    lse_ptr,
+    topk_logits_ptr,
+    topk_index_ptr,
+    target_logit_ptr,
+    V,
+    K,
+    num_candidates,
+    stride_logits_c,
+    stride_logits_v,
+    stride_topk_logits_c,
+    stride_topk_index_c,
+    HAS_TOPK: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    SUB: tl.constexpr,
+    NB_PAD: tl.constexpr,
+    LOG_NB_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    LOG_GATHER: tl.constexpr,
+    K_PAD: tl.constexpr,
+    LOG_K_PAD: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + pid_n * stride_logits_c
+    offs_v = tl.arange(0, BLOCK_V)
+    TILE_BLOCKS: tl.constexpr = BLOCK_V // SUB
+
+    # pass 1: log-sum-exp and the sub-block maxima, [NB_PAD // TILE_BLOCKS, TILE_BLOCKS] (row t: tile t)
+    m = -float("inf")
+    s = 0.0
+    block_max = tl.full([NB_PAD // TILE_BLOCKS, TILE_BLOCKS], -float("inf"), tl.float32)
+    tile_ids = tl.arange(0, NB_PAD // TILE_BLOCKS)[:, None]
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs_v
+        in_row = cols < V
+        z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+
+        # online log-sum-exp; shift 0 while everything seen is -inf (exp(-inf - -inf) would be NaN)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        m = m_new
+
+        if HAS_TOPK:
+            tile_max = tl.max(tl.reshape(z, [TILE_BLOCKS, SUB]), axis=1)
+            block_max = tl.where(tile_ids == start // BLOCK_V, tile_max[None, :], block_max)
+
+    tl.store(lse_ptr + pid_n, m + tl.log(s))
+
+    if HAS_TOPK:
+        # the candidate blocks: the K_PAD largest maxima (ties: lower block), descending, [K_PAD // GROUP, GROUP]
+        block_keys = _pack(tl.reshape(block_max, [NB_PAD]), tl.arange(0, NB_PAD), NB_PAD)
+        candidates = _tile_topk(block_keys, LOG_NB_PAD, LOG_K_PAD, 1)
+        candidate_blocks = tl.reshape((NB_PAD - 1) - (candidates & 0xFFFFFFFF), [K_PAD // GROUP, GROUP])
+        group_ids = tl.arange(0, K_PAD // GROUP)[:, None]
+        offs_group = tl.arange(0, GROUP)
+        offs_sub = tl.arange(0, SUB)
+
+        # pass 2: the first num_candidates = min(K, number of blocks) candidates, GROUP blocks at a time
+        running = tl.full([K_PAD], _PACKED_MIN, tl.int64)
+        for g in range(0, (num_candidates + GROUP - 1) // GROUP):
+            blocks = tl.sum(tl.where(group_ids == g, candidate_blocks, 0), axis=0)
+            is_candidate = g * GROUP + offs_group < num_candidates
+            cols = blocks[:, None] * SUB + offs_sub[None, :]
+            in_row = is_candidate[:, None] & (cols < V)
+            z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+            packed = tl.reshape(tl.where(in_row, _pack(z, cols, V), _PACKED_MIN), [GROUP * SUB])
+            tile_top = _tile_topk(packed, LOG_GATHER, LOG_K_PAD, 0)
+            # bitonic half-cleaner: running (descending) vs tile (ascending) keeps the top K_PAD of both
+            merged = tl.reshape(tl.maximum(running, tile_top), [2] * LOG_K_PAD)
+            running = tl.reshape(_bitonic_merge(merged, LOG_K_PAD, LOG_K_PAD, 1), [K_PAD])
+
+        offs_k = tl.arange(0, K_PAD)
+        index = (V - 1) - (running & 0xFFFFFFFF)
+        key = (running >> 32).to(tl.int32)
+        value = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
+        tl.store(topk_logits_ptr + pid_n * stride_topk_logits_c + offs_k, value, mask=offs_k < K)
+        tl.store(topk_index_ptr + pid_n * stride_topk_index_c + offs_k, index, mask=offs_k < K)
+
+    if HAS_TARGET:
+        target = tl.load(target_ids_ptr + pid_n)
+        # out-of-range ids (a caller bug) read nothing and give NaN instead of touching other memory
+        in_range = (target >= 0) & (target < V)
+        target_logit = tl.load(row_ptr + target * stride_logits_v, mask=in_range, other=float("nan"))
+        tl.store(target_logit_ptr + pid_n, target_logit.to(tl.float32))
+    else:
+        tl.store(target_logit_ptr + pid_n, 0.0)
+
+
+def student_row_stats(
+    logits: Tensor, topk: int, target_ids: Tensor | None, *, block_v: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Log-sum-exp, top-K and target logit per row of the student's logits (Triton).
+
+    Same contract as ``sdpo_ops.row_ops.student_row_stats``; the top-K comes sorted by value (descending,
+    ties to the lower column).
+
+    Args:
+        logits: [C, V] fp32 (bf16/fp16 are read as fp32).
+        topk: K with 0 <= K <= min(V, 256) (0: no top-K).
+        target_ids: [C] int64 or None.
+        block_v: pass-1 tile width override (a power of two; raised to the top-K width), for tests and tuning.
+    Returns:
+        ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``, fp32 except the index;
+        ``target_logit`` is zeros when ``target_ids`` is None.
+    """
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating [C, V] tensor, got {tuple(logits.shape)} {logits.dtype}")
+    C, V = logits.shape
+    if not 0 <= topk <= min(V, 256):
+        raise ValueError(f"topk must be in [0, min(V, 256)] = [0, {min(V, 256)}], got {topk}")
+    if target_ids is not None:
+        if target_ids.shape != (C,) or target_ids.dtype != torch.int64:
+            raise ValueError(
+                f"target_ids must be a [C] = [{C}] int64 tensor, got {tuple(target_ids.shape)} {target_ids.dtype}"
+            )
+        if target_ids.device != logits.device:
+            raise ValueError(f"target_ids is on {target_ids.device}, logits on {logits.device}")
+
+    k_pad = max(triton.next_power_of_2(topk), 2)
+    default_block_v, tile_blocks, num_warps = _CUDA_CONFIG if logits.is_cuda else _INTERPRET_CONFIG
+    block_v = block_v or default_block_v
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    sub = max(block_v // tile_blocks, 1)
+    # the network needs a tile of at least K_PAD keys; no tile wider than the (padded) row
+    block_v = min(max(block_v, k_pad), max(triton.next_power_of_2(V), k_pad))
+    while triton.cdiv(V, sub) > _MAX_BLOCKS:
+        sub *= 2
+    sub = min(sub, block_v)
+    block_v = max(block_v, sub)
+    tile_blocks = block_v // sub
+    num_blocks = triton.cdiv(V, sub)
+    nb_pad = max(triton.next_power_of_2(triton.cdiv(V, block_v) * tile_blocks), k_pad)
+    group = min(tile_blocks, k_pad)
+
+    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
+    topk_logits = torch.empty(C, topk, dtype=torch.float32, device=logits.device)
+    topk_index = torch.empty(C, topk, dtype=torch.int64, device=logits.device)
+    target_logit = torch.empty(C, dtype=torch.float32, device=logits.device)
+    if C == 0:
+        return lse, topk_logits, topk_index, target_logit
+
+    _student_row_stats_kernel[(C,)](
+        logits_ptr=logits,
+        target_ids_ptr=target_ids if target_ids is not None else lse,
+        lse_ptr=lse,
+        topk_logits_ptr=topk_logits,
+        topk_index_ptr=topk_index,
+        target_logit_ptr=target_logit,
+        V=V,
+        K=topk,
+        num_candidates=min(topk, num_blocks),
+        stride_logits_c=logits.stride(0),
+        stride_logits_v=logits.stride(1),
+        stride_topk_logits_c=topk_logits.stride(0),
+        stride_topk_index_c=topk_index.stride(0),
+        HAS_TOPK=topk > 0,
+        HAS_TARGET=target_ids is not None,
+        BLOCK_V=block_v,
+        SUB=sub,
+        NB_PAD=nb_pad,
+        LOG_NB_PAD=nb_pad.bit_length() - 1,
+        GROUP=group,
+        LOG_GATHER=(group * sub).bit_length() - 1,
+        K_PAD=k_pad,
+        LOG_K_PAD=k_pad.bit_length() - 1,
+        num_warps=num_warps,
+    )
+    return lse, topk_logits, topk_index, target_logit

@@ -1,0 +1,115 @@
+"""Teacher row statistics: log-sum-exp over the whole row and the logits at given columns.
+
+Per row ``u`` (``[V]`` fp32, already divided by the temperature) and its ``J`` columns ``index`` (the
+student's top-K, possibly followed by the target):
+
+    lse        online over BLOCK_V tiles: m' = max(m, max_tile u), s' = s * exp(m - m') + sum_tile exp(u - m'),
+               with shift 0 while m' = -inf (NaN-free for -inf tiles and rows); lse = m + log s
+    gathered_j = u[index_j]   (one masked gather of J <= BLOCK_J elements; out-of-range columns read NaN)
+
+Written: ``lse [C]``, ``gathered [C, J]``. The teacher needs its full row only for the log-sum-exp; the
+gather is an indexed read of a few hundred bytes per row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
+_CUDA_CONFIG = (4096, 8)
+_INTERPRET_CONFIG = (64, 1)
+
+
+@triton.jit
+def _teacher_row_stats_kernel(
+    logits_ptr,
+    index_ptr,
+    lse_ptr,
+    gathered_ptr,
+    V,
+    J,
+    stride_logits_c,
+    stride_logits_v,
+    stride_index_c,
+    stride_index_j,
+    stride_gathered_c,
+    BLOCK_V: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + pid_n * stride_logits_c
+    offs_v = tl.arange(0, BLOCK_V)
+
+    # online log-sum-exp; shift 0 while everything seen is -inf (exp(-inf - -inf) would be NaN)
+    m = -float("inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs_v
+        u = tl.load(row_ptr + cols * stride_logits_v, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(u, axis=0))
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(u - shift), axis=0)
+        m = m_new
+    tl.store(lse_ptr + pid_n, m + tl.log(s))
+
+    # gather at the given columns
+    offs_j = tl.arange(0, BLOCK_J)
+    in_j = offs_j < J
+    index = tl.load(index_ptr + pid_n * stride_index_c + offs_j * stride_index_j, mask=in_j, other=0)
+    in_range = (index >= 0) & (index < V)
+    gathered = tl.load(row_ptr + index * stride_logits_v, mask=in_j & in_range, other=float("nan")).to(tl.float32)
+    tl.store(gathered_ptr + pid_n * stride_gathered_c + offs_j, gathered, mask=in_j)
+
+
+def teacher_row_stats(logits: Tensor, index: Tensor, *, block_v: int | None = None) -> tuple[Tensor, Tensor]:
+    """Log-sum-exp per row of the teacher's logits and the logits at the given columns (Triton).
+
+    Same contract as ``sdpo_ops.row_ops.teacher_row_stats``.
+
+    Args:
+        logits: [C, V] fp32 (bf16/fp16 are read as fp32).
+        index: [C, J] int64, columns in [0, V) (the student's top-K, possibly followed by the target).
+        block_v: tile width override (a power of two), for tests and tuning.
+    Returns:
+        ``(lse [C], gathered [C, J])``, fp32.
+    """
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"logits must be a floating [C, V] tensor, got {tuple(logits.shape)} {logits.dtype}")
+    C, V = logits.shape
+    if index.dim() != 2 or index.shape[0] != C or index.dtype != torch.int64:
+        raise ValueError(f"index must be a [C, J] = [{C}, J] int64 tensor, got {tuple(index.shape)} {index.dtype}")
+    if index.device != logits.device:
+        raise ValueError(f"index is on {index.device}, logits on {logits.device}")
+    J = index.shape[1]
+
+    default_block_v, num_warps = _CUDA_CONFIG if logits.is_cuda else _INTERPRET_CONFIG
+    block_v = block_v or default_block_v
+    if block_v & (block_v - 1):
+        raise ValueError(f"block_v must be a power of two, got {block_v}")
+    block_v = min(block_v, triton.next_power_of_2(V))
+
+    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
+    gathered = torch.empty(C, J, dtype=torch.float32, device=logits.device)
+    if C == 0:
+        return lse, gathered
+
+    _teacher_row_stats_kernel[(C,)](
+        logits_ptr=logits,
+        index_ptr=index,
+        lse_ptr=lse,
+        gathered_ptr=gathered,
+        V=V,
+        J=J,
+        stride_logits_c=logits.stride(0),
+        stride_logits_v=logits.stride(1),
+        stride_index_c=index.stride(0),
+        stride_index_j=index.stride(1),
+        stride_gathered_c=gathered.stride(0),
+        BLOCK_V=block_v,
+        BLOCK_J=max(triton.next_power_of_2(J), 2),
+        num_warps=num_warps,
+    )
+    return lse, gathered
