@@ -18,11 +18,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tolerances import ELEMENTWISE
 
 from sdpo_ops import row_ops as torch_ops
 from sdpo_ops.kernels import row_ops as triton_ops
 from sdpo_ops.reference import generalized_jsd
-from tolerances import ELEMENTWISE
 
 # The interpreter evaluates IEEE arithmetic with numpy, which warns where a GPU is silent: log(0) = -inf for a
 # fully masked row, and -inf - -inf = NaN in lanes that a where() then discards.
