@@ -6,7 +6,7 @@ Backends share one contract (SPEC section 3):
   under ``TRITON_INTERPRET=1``);
 - ``"torch"``: the same Function with the torch row stages: any device, the CPU default;
 - ``"reference"``: the naive materialising oracle (``sdpo_ops.reference``);
-- ``"auto"``: ``"triton"`` for CUDA tensors, ``"torch"`` otherwise.
+- ``"auto"``: ``"triton"`` for CUDA tensors (``topk <= 256``), ``"torch"`` otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from sdpo_ops.reference import sdpo_loss_reference, sdpo_loss_reference_from_log
 
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "none")
 BACKENDS = ("auto", "triton", "torch", "reference")
+# The Triton student kernel keeps a running top-k of up to this many columns per row in registers
+# (sdpo_ops/kernels/student_row_stats.py); "auto" takes the torch path beyond it.
+TRITON_MAX_TOPK = 256
 
 
 class SDPOOutput(NamedTuple):
@@ -278,7 +281,8 @@ def sdpo_loss(
     float_mask = torch.ones(leading_shape, device=device, dtype=mask_dtype) if mask is None else mask.to(mask_dtype)
     float_mask = float_mask.detach()
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        fits_triton = topk is None or topk <= TRITON_MAX_TOPK
+        backend = "triton" if device.type == "cuda" and fits_triton else "torch"
     if backend == "reference":
         result = sdpo_loss_reference(
             student_hidden,
@@ -301,6 +305,8 @@ def sdpo_loss(
         )
         return _package(result, return_outputs, target_ids, is_clip, float_mask)
 
+    if backend == "triton" and topk is not None and topk > TRITON_MAX_TOPK:
+        raise ValueError(f"topk={topk} exceeds the Triton kernels' maximum {TRITON_MAX_TOPK}: use backend='torch'")
     row_ops = _triton_row_ops(device) if backend == "triton" else torch_row_ops
     num_tokens = leading_shape.numel()
     # A scalar loss has a scalar upstream gradient: the Function folds the reduction into per-token
