@@ -119,8 +119,9 @@ class _Gradients:
 
 class ChunkedSDPOFunction(torch.autograd.Function):
     """Inputs: flattened ``[N, *]`` tensors. Outputs: ``(loss, target_logprobs, teacher_target_logprobs,
-    is_weight, topk_mass)``; ``loss`` is the scalar ``sum_t row_weight_t * w_t * D_t`` when
-    ``options.grad_in_forward``, else the per-token ``row_weight_t * w_t * D_t`` ``[N]``.
+    is_weight, topk_mass, divergence)``; ``loss`` is the scalar ``sum_t row_weight_t * w_t * D_t`` when
+    ``options.grad_in_forward``, else the per-token ``row_weight_t * w_t * D_t`` ``[N]``; ``divergence``
+    is the unweighted ``D_t`` (detached, for logging).
     """
 
     @staticmethod
@@ -151,6 +152,7 @@ class ChunkedSDPOFunction(torch.autograd.Function):
         student_buffer = torch.empty(min(chunk, num_tokens), vocab, dtype=dtype, device=device)
         teacher_buffer = torch.empty_like(student_buffer)
         per_token_loss = torch.empty(num_tokens, dtype=dtype, device=device)
+        per_token_divergence = torch.empty_like(per_token_loss)
         target_logprobs = torch.zeros(num_tokens, dtype=dtype, device=device)
         teacher_target_logprobs = torch.zeros_like(target_logprobs)
         is_weight = torch.ones_like(target_logprobs)
@@ -195,6 +197,7 @@ class ChunkedSDPOFunction(torch.autograd.Function):
             # Masked rows may hold garbage (padding): select, never multiply, so NaN cannot leak.
             row_scale = torch.where(row_weight[rows] != 0, row_weight[rows] * is_weight[rows], 0.0)
             per_token_loss[rows] = torch.where(row_scale != 0, row_scale * divergence, 0.0)
+            per_token_divergence[rows] = divergence
 
             if form_grad_now:
                 teacher = (zt, t_lse) if options.topk is None else None
@@ -233,12 +236,12 @@ class ChunkedSDPOFunction(torch.autograd.Function):
             sparse_grad,
             dense_grad,
         )
-        ctx.mark_non_differentiable(teacher_target_logprobs, is_weight, topk_mass)
+        ctx.mark_non_differentiable(teacher_target_logprobs, is_weight, topk_mass, per_token_divergence)
         loss = per_token_loss.sum() if options.grad_in_forward else per_token_loss
-        return loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass
+        return loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, per_token_divergence
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_target_logprobs, _grad_teacher_logprobs, _grad_is_weight, _grad_topk_mass):
+    def backward(ctx, grad_loss, grad_target_logprobs, *_grad_non_differentiable):
         (
             student_hidden,
             student_weight,

@@ -33,8 +33,10 @@ class SDPOOutput(NamedTuple):
     """Everything one fused call produces; per-token tensors have the inputs' leading shape.
 
     loss: the reduced loss (per-token for ``reduction="none"``).
+    per_token_loss: ``mask * token_weights * is_weight * D`` per token before the reduction, detached
+        (for logging a different aggregate than the one optimised, at no extra cost).
     target_logprobs: the student's log-prob of ``target_ids`` at the temperature, with gradient
-        (what a GRPO/PPO policy loss needs); None without ``target_ids``.
+        (what a GRPO/PPO policy loss needs), at every position, masked or not; None without ``target_ids``.
     teacher_target_logprobs: the teacher's log-prob of ``target_ids``, detached; None without them.
     is_weight: the clipped importance weight, detached; None without IS correction.
     topk_mass: the student's probability captured by the top-K (1 for the full vocabulary), detached.
@@ -43,6 +45,7 @@ class SDPOOutput(NamedTuple):
     """
 
     loss: Tensor
+    per_token_loss: Tensor
     target_logprobs: Tensor | None
     teacher_target_logprobs: Tensor | None
     is_weight: Tensor | None
@@ -325,7 +328,7 @@ def sdpo_loss(
         chunk_size=chunk_size or default_chunk_size(num_tokens, vocab, device),
     )
     use_is = old_logprobs is not None and is_clip is not None
-    loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass = ChunkedSDPOFunction.apply(
+    loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, divergence = ChunkedSDPOFunction.apply(
         student_hidden.reshape(num_tokens, -1),
         student_weight,
         student_bias,
@@ -338,8 +341,12 @@ def sdpo_loss(
         options,
         row_ops,
     )
+    unreduced_weight = float_mask * is_weight.reshape(leading_shape)
+    if token_weights is not None:
+        unreduced_weight = unreduced_weight * token_weights.detach().to(mask_dtype)
     result = {
         "loss": loss if grad_in_forward else loss.reshape(leading_shape),
+        "per_token_loss": torch.where(unreduced_weight != 0, unreduced_weight * divergence.reshape(leading_shape), 0.0),
         "target_logprobs": target_logprobs.reshape(leading_shape),
         "teacher_target_logprobs": teacher_target_logprobs.reshape(leading_shape),
         "is_weight": is_weight.reshape(leading_shape) if use_is else None,
@@ -354,6 +361,7 @@ def _package(result: dict, return_outputs: bool, target_ids, is_clip, mask: Tens
     has_targets = target_ids is not None
     return SDPOOutput(
         loss=result["loss"],
+        per_token_loss=result["per_token_loss"],
         target_logprobs=result["target_logprobs"] if has_targets else None,
         teacher_target_logprobs=result["teacher_target_logprobs"] if has_targets else None,
         is_weight=result["is_weight"],

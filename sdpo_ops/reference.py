@@ -141,7 +141,8 @@ def sdpo_loss_reference_from_logits(
 ) -> dict[str, Tensor | None]:
     """Naive SDPO loss on ``[..., V]`` logits (student and teacher), every intermediate materialised.
 
-    Returns a dict with ``loss`` (reduced as asked), ``target_logprobs`` (``[...]``, with gradient;
+    Returns a dict with ``loss`` (reduced as asked), ``per_token_loss`` (``[...]``, before the reduction,
+    masked, detached), ``target_logprobs`` (``[...]``, with gradient;
     ``None`` without ``target_ids``), ``teacher_target_logprobs`` (detached), ``is_weight`` (``[...]``,
     detached; ``None`` without IS) and ``topk_mass`` (``[...]``, detached).
     """
@@ -178,6 +179,7 @@ def sdpo_loss_reference_from_logits(
 
     return {
         "loss": loss,
+        "per_token_loss": per_token.detach().reshape(leading_shape),
         "target_logprobs": unflatten(target_logprobs),
         "teacher_target_logprobs": unflatten(teacher_target_logprobs),
         "is_weight": unflatten(is_weight),

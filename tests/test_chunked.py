@@ -540,3 +540,28 @@ def test_no_tensor_of_n_times_v_elements(topk, reduction, blend):
     # Everything else is [C, V], [N, H], [V, H] or [N, K + 1]: far below N*V.
     assert largest <= max(chunk_size * vocab, num_tokens * hidden_size, vocab * hidden_size, num_tokens * 9), largest
     assert largest < num_tokens * vocab // 4
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("reduction", ["token-mean", "seq-mean-token-mean", "none"])
+@pytest.mark.parametrize("topk", [3, None])
+def test_per_token_loss_equals_the_reference_unreduced_loss(backend, reduction, topk):
+    generator = torch.Generator().manual_seed(7)
+    batch, length, hidden, vocab = 2, 4, 6, 11
+    inputs = {
+        "student_hidden": torch.randn(batch, length, hidden, generator=generator, dtype=torch.float64),
+        "student_weight": torch.randn(vocab, hidden, generator=generator, dtype=torch.float64),
+        "teacher_hidden": torch.randn(batch, length, hidden, generator=generator, dtype=torch.float64),
+        "teacher_weight": torch.randn(vocab, hidden, generator=generator, dtype=torch.float64),
+    }
+    options = {
+        "mask": torch.tensor([[1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]]),
+        "target_ids": torch.randint(0, vocab, (batch, length), generator=generator),
+        "old_logprobs": torch.randn(batch, length, generator=generator, dtype=torch.float64) - 2.0,
+        "token_weights": torch.rand(batch, length, generator=generator, dtype=torch.float64),
+        "topk": topk,
+    }
+    expected = sdpo_loss(**inputs, **options, reduction="none", backend="reference")
+    output = sdpo_loss(**inputs, **options, reduction=reduction, backend=backend, return_outputs=True)
+    torch.testing.assert_close(output.per_token_loss, expected, rtol=1e-10, atol=1e-12)
+    assert not output.per_token_loss.requires_grad

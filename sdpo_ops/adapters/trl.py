@@ -1,0 +1,584 @@
+"""Drop-in replacement for ``trl.experimental.sdpo.SDPOTrainer`` whose loss runs on :func:`sdpo_ops.sdpo_loss`.
+
+Change one import::
+
+    from sdpo_ops.adapters.trl import SDPOConfig, SDPOTrainer  # was: from trl.experimental.sdpo import ...
+
+Everything but the loss is TRL's (rollouts, rewards, reprompting, EMA/base/live teacher, vLLM, PEFT,
+callbacks, metrics). The loss is computed from the models' last hidden states at the completion
+positions and their lm_head weights, never from ``[B, T, V]`` logits:
+
+- ``distillation_mode="topk_logits"`` / ``"full_logits"``: the fused divergence (``topk=distillation_topk``
+  with ``add_tail=distillation_add_tail``, or the full vocabulary), the clipped IS weight from
+  ``old_per_token_logps`` when ``distillation_is_clip`` is set;
+- ``"sampled_token"``: TRL's token-level reverse KL from the fused call's target log-probs (student with
+  gradient, teacher detached);
+- ``distillation_weight < 1``: TRL's clipped policy loss on the same call's target log-probs.
+
+TRL's aggregation is kept exactly: per-sequence token mean, then the mean over sequences, divided by the
+gradient-accumulation steps (``num_items_in_batch`` is ignored, as TRL does). The rollout log-probs
+(``old_per_token_logps``) come from the same fused path (the student as its own teacher, no gradient).
+TRL's metrics are logged, plus ``self_distillation/is_weight_mean``, ``self_distillation/is_clipped_fraction``
+and ``self_distillation/topk_mass_mean`` (averaged over the distilled tokens of all processes).
+
+The loss runs inside the student wrapper's forward (TRL's ``_ForwardRedirection``), so DDP synchronises
+the gradients and FSDP/ZeRO-3 gather the backbone; the backbones run under the accelerator's autocast, as
+the accelerate-wrapped ``model.forward`` TRL calls would, and the head takes autocast's compute dtype.
+Under ZeRO-3 the lm_head is gathered with TRL's ``maybe_gather_lm_head_ctx`` and a copy is held until
+backward (the fused loss recomputes logits there); FSDP2 DTensor heads are gathered with ``full_tensor``.
+With ``use_teacher_server=True`` the loss is TRL's own (the server returns the teacher's top-k support,
+which the fused call cannot read).
+
+Reward functions may also return textual feedback (see :mod:`sdpo_ops.adapters.feedback`): a list of
+``{"score", "feedback"}`` dicts or a ``RewardWithFeedback``. The feedback of each completion reaches the
+teacher reprompt exactly as a ``privileged_context`` dataset column would (so TRL's
+``include_environment_feedback`` and ``environment_feedback_only_without_solution`` apply); it is appended
+to the dataset's context when both exist.
+
+TRL internals overridden here (what a TRL upgrade can break): ``SDPOTrainer.compute_loss``,
+``SDPOTrainer._compute_rollout_logps``, ``SDPOTrainer._calculate_rewards`` (wraps the reward functions,
+then calls TRL's), ``SuccessfulRolloutTeacherContextBuilder.build`` (merges the feedback, then calls TRL's).
+Used, not overridden: ``_get_teacher_context_for_self_distillation``, ``teacher_model``, ``model_kwarg_keys``,
+``current_gradient_accumulation_steps``, ``_metrics``, ``_log_self_distillation_metric``,
+``trl.models.utils._ForwardRedirection``, ``trl.trainer.utils.maybe_gather_lm_head_ctx``.
+
+Models whose logits are not ``hidden @ lm_head.weight^T (+ bias)`` (logit scaling, final logit
+softcapping, PEFT adapters on the lm_head, prompt-learning PEFT) are refused with an error: the fused loss
+would silently optimise another objective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+try:
+    import trl
+    from accelerate.utils import is_peft_model
+    from packaging.version import Version
+    from trl.experimental.sdpo import SDPOConfig
+    from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer as _TRLSDPOTrainer
+    from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder
+    from trl.models.utils import _ForwardRedirection
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        f'sdpo_ops.adapters.trl needs TRL >= 1.16 ({error}); install it with: pip install "sdpo-ops[trl]"'
+    ) from error
+
+if Version(trl.__version__) < Version("1.16"):  # pragma: no cover
+    raise ImportError(
+        f'sdpo_ops.adapters.trl needs TRL >= 1.16, found {trl.__version__}; upgrade with: pip install "sdpo-ops[trl]"'
+    )
+
+from sdpo_ops import sdpo_loss
+from sdpo_ops.adapters.feedback import split_scores_and_feedback
+
+__all__ = ["SDPOConfig", "SDPOTrainer"]
+
+# Config attributes by which transformers models post-process the lm_head output (TRL's list in
+# `add_fused_lm_head`, plus Gemma's softcapping). Any of them set breaks `logits = hidden @ W^T + b`.
+_LOGIT_TRANSFORM_ATTRIBUTES = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+# Tolerance of the one-off check that the backbone + lm_head reproduces the model's own logits. Both sides
+# run the same matmul on the same hidden state, so any real transform (a scale, a cap) exceeds it by far.
+_HEAD_CHECK_RTOL = 1e-3
+
+
+def _logit_transforms(config) -> dict[str, Any]:
+    """The logit post-processing a model config declares, ``{}`` for a plain linear head."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    found = {}
+    for name in _LOGIT_TRANSFORM_ATTRIBUTES:
+        value = getattr(text_config, name, None)
+        # A scale of exactly 1 is the identity; softcapping has no neutral value.
+        if value is not None and not (name != "final_logit_softcapping" and float(value) == 1.0):
+            found[name] = value
+    return found
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` inside an (accelerate-unwrapped) model, below any PEFT wrapper."""
+    if is_peft_model(model):
+        # PeftModel -> LoraModel (tuner) -> the transformers model, whose layers carry the adapters in place.
+        return model.base_model.model
+    return model
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack that outputs the last hidden state (the model without its lm_head)."""
+    causal_lm = _transformers_model(model)
+    backbone = getattr(causal_lm, "base_model", None)
+    if backbone is None or backbone is causal_lm:
+        raise ValueError(
+            f"{type(causal_lm).__name__} exposes no backbone through `base_model` (its `base_model_prefix` is "
+            f"{getattr(causal_lm, 'base_model_prefix', None)!r}); sdpo_ops.adapters.trl needs the hidden states "
+            "before the lm_head"
+        )
+    return backbone
+
+
+def _lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of the model's output projection."""
+    head = _transformers_model(model).get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"the output embeddings of {type(model).__name__} are {type(head).__name__}, not a linear layer with a "
+            "[V, H] weight; sdpo_ops.adapters.trl needs a plain lm_head"
+        )
+    return weight, getattr(head, "bias", None)
+
+
+def _check_model_is_supported(model: nn.Module, role: str) -> None:
+    """Refuse models whose logits the fused loss would compute wrongly."""
+    transforms = _logit_transforms(_transformers_model(model).config)
+    if transforms:
+        raise ValueError(
+            f"the {role} model's config sets {transforms}: its logits are post-processed after the lm_head, which "
+            "sdpo_ops' fused loss (logits = hidden @ lm_head.weight^T + bias) does not apply. Use "
+            "trl.experimental.sdpo.SDPOTrainer (full logits) for this model."
+        )
+    if is_peft_model(model):
+        from peft import PromptLearningConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if isinstance(model.get_output_embeddings(), BaseTunerLayer):
+            raise ValueError(
+                "a PEFT adapter on the lm_head is not supported: the fused loss reads lm_head.weight directly, so the "
+                "adapter would be ignored and never trained. Remove 'lm_head' from target_modules."
+            )
+        if any(isinstance(config, PromptLearningConfig) for config in model.peft_config.values()):
+            raise ValueError(
+                "prompt-learning PEFT methods (prompt/prefix/P-tuning) are not supported: the fused loss runs the "
+                "backbone directly, so the virtual tokens would never be prepended. Use a weight adapter such as LoRA."
+            )
+
+
+class _HeldCopy(torch.autograd.Function):
+    """Identity onto a copy of a gathered ZeRO-3 parameter, still valid once the parameter is re-partitioned.
+
+    The fused loss may read the lm_head weight again in backward (it recomputes logits there), after the
+    gather context has released the full weight. The gradient flows to the parameter unchanged, full-size,
+    as a fused Liger loss hands it to ZeRO-3.
+    """
+
+    @staticmethod
+    def forward(ctx, parameter: Tensor) -> Tensor:
+        return parameter.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad
+
+
+def _is_zero3_partitioned(parameter: Tensor) -> bool:
+    if not hasattr(parameter, "ds_status"):
+        return False
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return parameter.ds_status != ZeroParamStatus.AVAILABLE
+
+
+@contextlib.contextmanager
+def _full_head_tensors(*tensors: Tensor | None):
+    """Yield the head tensors whole: FSDP2 DTensors gathered, ZeRO-3 shards gathered and held for backward."""
+    full = [t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t for t in tensors]
+    partitioned = {id(t) for t in full if t is not None and _is_zero3_partitioned(t)}
+    if not partitioned:
+        yield full
+        return
+    # TRL's context gathers each parameter once (the student and teacher heads may be one tied parameter).
+    with maybe_gather_lm_head_ctx(*full):
+        copies: dict[int, Tensor] = {}
+        for t in full:
+            if t is not None and id(t) in partitioned and id(t) not in copies:
+                copies[id(t)] = _HeldCopy.apply(t)
+        yield [copies.get(id(t), t) if t is not None else None for t in full]
+
+
+class _FeedbackRoutingContextBuilder(SuccessfulRolloutTeacherContextBuilder):
+    """TRL's teacher-context builder, fed the reward functions' feedback as extra ``privileged_context``."""
+
+    def build(self, output, prompts, rewards, feedbacks=None):
+        reward_feedback = self.trainer._take_reward_feedback()
+        if reward_feedback is not None:
+            feedbacks = _merge_feedback(feedbacks, reward_feedback, len(prompts))
+        return super().build(output, prompts, rewards, feedbacks=feedbacks)
+
+
+def _merge_feedback(
+    dataset_feedback: Sequence[Any] | None, reward_feedback: Sequence[str | None], num_samples: int
+) -> list[str | None]:
+    """Per sample: the dataset's context and the reward feedback, joined by a blank line; None when neither."""
+    if len(reward_feedback) != num_samples:
+        raise ValueError(f"reward feedback has {len(reward_feedback)} entries for {num_samples} completions")
+    dataset_feedback = [None] * num_samples if dataset_feedback is None else list(dataset_feedback)
+    merged = []
+    for context, extra in zip(dataset_feedback, reward_feedback, strict=True):
+        parts = [text for text in (context, extra) if isinstance(text, str) and text.strip()]
+        merged.append("\n\n".join(parts) if parts else None)
+    return merged
+
+
+class _FeedbackCapturingReward:
+    """A reward function as TRL calls it: returns the scores, hands the feedback to ``sink``."""
+
+    def __init__(self, reward_func: Callable, sink: list[list[str | None]]):
+        self.reward_func = reward_func
+        self.sink = sink
+
+    def __call__(self, *args, **kwargs) -> list[float | None]:
+        scores, feedback = split_scores_and_feedback(self.reward_func(*args, **kwargs))
+        self.sink.append(feedback)
+        return scores
+
+
+class SDPOTrainer(_TRLSDPOTrainer):
+    """``trl.experimental.sdpo.SDPOTrainer`` with the loss fused into the lm_head by :func:`sdpo_ops.sdpo_loss`.
+
+    Same constructor and :class:`SDPOConfig` as TRL's; see the module docstring for what differs.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.args.distillation_mode not in ("sampled_token", "full_logits", "topk_logits"):
+            raise ValueError(
+                "distillation_mode must be one of: 'sampled_token', 'full_logits', 'topk_logits', "
+                f"got {self.args.distillation_mode!r}"
+            )
+        if self.args.distillation_mode == "topk_logits" and self.args.distillation_topk is None:
+            raise ValueError("`distillation_mode='topk_logits'` requires `distillation_topk` to be set.")
+        _check_model_is_supported(self.accelerator.unwrap_model(self.model), "student")
+        if self.teacher_model is not self.model:
+            _check_model_is_supported(self.accelerator.unwrap_model(self.teacher_model), "teacher")
+        # DDP/FSDP/DeepSpeed hooks fire only through the wrapper's forward: the fused loss runs inside it.
+        self._forward_redirection = _ForwardRedirection()
+        self.teacher_context_builder = _FeedbackRoutingContextBuilder(self)
+        self._pending_reward_feedback: list[str | None] | None = None
+        self._head_verified = False
+
+    # Same parameters as TRL's constructor, for help() and IDEs (the body forwards them untouched).
+    __init__.__signature__ = inspect.signature(_TRLSDPOTrainer.__init__)
+
+    # ----------------------------------------------------------------------------------------- rewards
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        """TRL's reward computation, with feedback-returning reward functions unwrapped into scores + feedback."""
+        feedback_per_function: list[list[str | None]] = []
+        original = self.reward_funcs
+        self.reward_funcs = [
+            func if isinstance(func, nn.Module) else _FeedbackCapturingReward(func, feedback_per_function)
+            for func in original
+        ]
+        try:
+            rewards = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        finally:
+            self.reward_funcs = original
+        merged: list[str | None] | None = None
+        for feedback in feedback_per_function:
+            merged = _merge_feedback(merged, feedback, len(prompts))
+        self._pending_reward_feedback = merged
+        return rewards
+
+    def _take_reward_feedback(self) -> list[str | None] | None:
+        feedback, self._pending_reward_feedback = self._pending_reward_feedback, None
+        return feedback
+
+    # -------------------------------------------------------------------------------- hidden states
+
+    def _completion_hidden_states(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, length: int):
+        """``[B, length, H]``: the backbone's last hidden states where the last ``length`` tokens are predicted.
+
+        Runs under the accelerator's autocast, as the model's own (accelerate-wrapped) forward would.
+        """
+        with self.accelerator.autocast():
+            hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return hidden.last_hidden_state[:, :-1][:, -length:]
+
+    def _head_dtype(self, hidden: Tensor) -> torch.dtype:
+        """The dtype the lm_head matmul runs in: autocast's when mixed precision is on, else the hidden states'."""
+        with self.accelerator.autocast():
+            if torch.is_autocast_enabled(hidden.device.type):
+                return torch.get_autocast_dtype(hidden.device.type)
+        return hidden.dtype
+
+    def _verify_plain_head(self, input_ids: Tensor, attention_mask: Tensor) -> None:
+        """Once: check that backbone + lm_head reproduce the student's own logits (catches undeclared transforms)."""
+        if self._head_verified:
+            return
+        self._head_verified = True
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            expected, actual = self._forward_redirection(
+                self.model, model, self._head_check_logits, model, input_ids[:1], attention_mask[:1]
+            )
+        scale = expected.abs().max().clamp(min=1.0)
+        error = (actual - expected).abs().max()
+        if not error <= _HEAD_CHECK_RTOL * scale:
+            raise ValueError(
+                f"{type(_transformers_model(model)).__name__}'s logits are not `last_hidden_state @ lm_head.weight^T + "
+                f"bias` (max difference {float(error):.3g} for logits up to {float(scale):.3g}): the model transforms "
+                "its logits in a way sdpo_ops.adapters.trl cannot reproduce. Use trl.experimental.sdpo.SDPOTrainer."
+            )
+
+    def _head_check_logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """``(model's own last logits [V], hidden @ W^T + b [V])`` for one sequence, both fp32."""
+        model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
+        with self.accelerator.autocast():
+            hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
+            if "logits_to_keep" in self.model_kwarg_keys:
+                model_inputs["logits_to_keep"] = 1
+            expected = model(**model_inputs).logits[0, -1].float()
+            weight, bias = _lm_head(model)
+            with _full_head_tensors(weight, bias) as (weight, bias):
+                hidden = hidden.to(weight.device, weight.dtype)
+                actual = nn.functional.linear(hidden, weight, bias).float()
+        return expected, actual.to(expected.device)
+
+    # --------------------------------------------------------------------------------- fused call
+
+    def _fused_forward(
+        self, student: nn.Module, inputs: dict[str, Any], with_teacher: bool, with_is: bool, reduce: bool = False
+    ):
+        """The fused call, run inside the student's wrapper forward. Returns a dict of tensors.
+
+        ``with_teacher=False`` uses the student itself as a (detached) teacher: only the target log-probs
+        are wanted then (the rollout log-probs, or a pure policy loss). ``reduce=True`` lets the call apply
+        TRL's per-sequence mean itself: its upstream gradient is then a scalar and the fused op forms the
+        gradient in forward (no logits recompute in backward); the per-token loss comes back detached.
+        """
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        length = completion_ids.size(1)
+        student_hidden = self._completion_hidden_states(
+            student,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            length,
+        )
+        student_weight, student_bias = _lm_head(student)
+        if with_teacher:
+            teacher_wrapper = self.teacher_model
+            teacher = self.accelerator.unwrap_model(teacher_wrapper)
+            with torch.no_grad(), self._get_teacher_context_for_self_distillation():
+                teacher_hidden = self._forward_redirection(
+                    teacher_wrapper,
+                    teacher,
+                    self._completion_hidden_states,
+                    teacher,
+                    inputs["teacher_input_ids"],
+                    inputs["teacher_attention_mask"],
+                    length,
+                )
+            teacher_weight, teacher_bias = _lm_head(teacher)
+        else:
+            teacher_hidden, teacher_weight, teacher_bias = student_hidden.detach(), student_weight, student_bias
+
+        mode = self.args.distillation_mode
+        if mode == "topk_logits":
+            options = {"topk": self.args.distillation_topk, "add_tail": self.args.distillation_add_tail}
+            alpha = self.args.distillation_alpha
+        elif mode == "full_logits":
+            options = {"topk": None}
+            alpha = self.args.distillation_alpha
+        else:
+            # Only the target log-probs are used; the cheapest support keeps the call's divergence trivial.
+            options = {"topk": 1}
+            alpha = 1.0
+        loss_mask = completion_mask.float()
+        sd_mask = inputs.get("self_distillation_mask")
+        if sd_mask is not None:
+            loss_mask = loss_mask * sd_mask.unsqueeze(1)
+
+        head_dtype = self._head_dtype(student_hidden)
+        with (
+            _full_head_tensors(student_weight, student_bias, teacher_weight, teacher_bias) as heads,
+            torch.autocast(student_hidden.device.type, enabled=False),
+        ):
+            student_weight, student_bias, teacher_weight, teacher_bias = heads
+            device = student_weight.device
+            # As the lm_head would under autocast: both operands in the compute dtype. The casts are
+            # differentiable, so the gradient reaches the (fp32 master) weight.
+            student_hidden = student_hidden.to(device, head_dtype)
+            teacher_hidden = teacher_hidden.to(device, head_dtype)
+            student_weight = student_weight.to(head_dtype)
+            teacher_weight = teacher_weight.detach().to(device, head_dtype)
+            if student_bias is not None:
+                student_bias = student_bias.to(head_dtype)
+            if teacher_bias is not None:
+                teacher_bias = teacher_bias.detach().to(device, head_dtype)
+            output = sdpo_loss(
+                student_hidden,
+                student_weight,
+                teacher_hidden,
+                teacher_weight,
+                student_bias=student_bias,
+                teacher_bias=teacher_bias,
+                mask=loss_mask.to(device),
+                target_ids=completion_ids.to(device),
+                old_logprobs=inputs["old_per_token_logps"].to(device) if with_is else None,
+                alpha=alpha,
+                is_clip=self.args.distillation_is_clip if with_is else None,
+                temperature=self.temperature,
+                reduction="seq-mean-token-mean" if reduce else "none",
+                return_outputs=True,
+                **options,
+            )
+        result = {
+            "reduced_loss": output.loss if reduce else None,
+            "per_token_loss": output.per_token_loss if reduce else output.loss,
+            "target_logprobs": output.target_logprobs,
+            "teacher_target_logprobs": output.teacher_target_logprobs,
+            "topk_mass": output.topk_mass,
+            "loss_mask": loss_mask.to(device),
+        }
+        if output.is_weight is not None:
+            result["is_weight"] = output.is_weight
+        return result
+
+    def _compute_rollout_logps(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
+        """TRL's rollout log-probs (same condition), from the fused path instead of ``[B, T, V]`` logits."""
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        if self.args.gradient_accumulation_steps % generate_every == 0:
+            return None
+        self._verify_plain_head(
+            torch.cat([prompt_ids, completion_ids], dim=1), torch.cat([prompt_mask, completion_mask], dim=1)
+        )
+        batch = {
+            "prompt_ids": prompt_ids,
+            "prompt_mask": prompt_mask,
+            "completion_ids": completion_ids,
+            "completion_mask": completion_mask,
+        }
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            # Through `self.model`'s own forward, as TRL's `_forward_logits(self.model, ...)` (FSDP unshards there).
+            result = self._forward_redirection(
+                self.model, model, self._fused_forward, model, batch, with_teacher=False, with_is=False
+            )
+        return result["target_logprobs"].to(completion_ids.device)
+
+    # ------------------------------------------------------------------------------------------ loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs:
+            raise ValueError("The SDPOTrainer does not support returning outputs")
+        if self.use_teacher_server:
+            # The server returns the teacher's own top-k support, which the fused call cannot read: TRL's path.
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self._verify_plain_head(
+            torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+        )
+
+        weight = self.args.distillation_weight
+        with_teacher = weight != 0.0
+        with_is = (
+            with_teacher
+            and self.args.distillation_is_clip is not None
+            and inputs.get("old_per_token_logps") is not None
+        )
+        student = self.accelerator.unwrap_model(model)
+        # Only the divergence needs a gradient: let the fused call reduce (cheaper backward).
+        reduce = weight == 1.0 and self.args.distillation_mode != "sampled_token"
+        result = self._forward_redirection(
+            model,
+            student,
+            self._fused_forward,
+            student,
+            inputs,
+            with_teacher=with_teacher,
+            with_is=with_is,
+            reduce=reduce,
+        )
+        # Gathers (collectives) for metrics run here, after the wrapped forward returned, as in TRL's trainers.
+        if weight == 1.0:
+            loss = self._distillation_loss(model, result)
+        elif weight == 0.0:
+            loss = self._policy_loss(inputs, result["target_logprobs"])
+        else:
+            policy_loss = self._policy_loss(inputs, result["target_logprobs"])
+            distillation_loss = self._distillation_loss(model, result)
+            loss = (1 - weight) * policy_loss + weight * distillation_loss
+
+        accumulation_scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
+        return loss / accumulation_scale
+
+    def _distillation_loss(self, model, result: dict[str, Tensor]) -> Tensor:
+        """TRL's aggregation of the per-token divergence: token mean per sequence, mean over sequences."""
+        loss_mask = result["loss_mask"]
+        if self.args.distillation_mode == "sampled_token":
+            student_logprobs = result["target_logprobs"]
+            log_ratio = student_logprobs - result["teacher_target_logprobs"]
+            per_token_loss = log_ratio.detach() * student_logprobs
+            if "is_weight" in result:
+                per_token_loss = per_token_loss * result["is_weight"]
+            per_token_loss = per_token_loss * loss_mask
+        else:
+            per_token_loss = result["per_token_loss"]  # mask and IS weight already applied
+        loss = result.get("reduced_loss")
+        if loss is None:
+            loss = (per_token_loss.sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
+
+        mode = "train" if model.training else "eval"
+        mean_distill_loss = per_token_loss.detach().sum() / loss_mask.sum().clamp(min=1.0)
+        self._log_self_distillation_metric(mode, self.accelerator.gather(mean_distill_loss).mean().item())
+        if "is_weight" in result:
+            is_weight = result["is_weight"]
+            self._log_masked_mean(mode, "self_distillation/is_weight_mean", is_weight, loss_mask)
+            clipped = (is_weight >= self.args.distillation_is_clip).float()
+            self._log_masked_mean(mode, "self_distillation/is_clipped_fraction", clipped, loss_mask)
+        if self.args.distillation_mode == "topk_logits":
+            self._log_masked_mean(mode, "self_distillation/topk_mass_mean", result["topk_mass"], loss_mask)
+        return loss
+
+    def _log_masked_mean(self, mode: str, key: str, values: Tensor, mask: Tensor) -> None:
+        """Log the mean of ``values`` over the masked tokens of every process (nothing when none is masked in)."""
+        totals = torch.stack([(values.detach().float() * mask).sum(), mask.sum()])
+        total, count = self.accelerator.gather(totals).view(-1, 2).sum(0).tolist()
+        if count > 0:
+            self._metrics[mode][key].append(total / count)
+
+    def _policy_loss(self, inputs: dict[str, Any], per_token_logps: Tensor) -> Tensor:
+        """TRL's clipped policy loss (``_compute_policy_loss``) on log-probs instead of logits."""
+        completion_mask = inputs["completion_mask"].to(per_token_logps.device)
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        advantages = inputs["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        log_ratio = per_token_logps - old_per_token_logps
+        if self.importance_sampling_level == "sequence":
+            log_ratio = (log_ratio * completion_mask).sum(-1, keepdim=True) / completion_mask.sum(
+                -1, keepdim=True
+            ).clamp(min=1.0)
+        coef_1 = torch.exp(log_ratio)
+        coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+
+        if self.loss_type == "grpo":
+            loss = (per_token_loss * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
+            loss = loss.mean()
+        elif self.loss_type in ("bnpo", "dapo"):
+            loss = (per_token_loss * completion_mask).sum() / completion_mask.sum().clamp(min=1.0)
+        elif self.loss_type == "dr_grpo":
+            loss = (per_token_loss * completion_mask).sum() / (per_token_loss.size(0) * self.max_completion_length)
+        else:
+            raise ValueError(f"Unsupported loss_type: {self.loss_type}")
+
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["self_distillation/policy_loss"].append(
+            self.accelerator.gather(loss.detach()).mean().item()
+        )
+        return loss

@@ -1,0 +1,375 @@
+"""``sdpo_ops.adapters.trl.SDPOTrainer`` against TRL's own ``trl.experimental.sdpo.SDPOTrainer``.
+
+Same tiny Qwen2, same seed, same config: both trainers must log the same losses and end with the same
+weights after several optimizer steps (fp32; TRL's full-logits path is the oracle). Also: feedback
+returned by reward functions reaches the teacher prompt exactly as TRL's dataset column does, and models
+whose logits are not ``hidden @ lm_head.weight^T`` are refused.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+pytest.importorskip("trl")
+
+from adapters_tiny import make_model, make_tokenizer  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback, set_seed  # noqa: E402
+from trl.experimental.sdpo import SDPOTrainer as TRLSDPOTrainer  # noqa: E402
+
+from sdpo_ops.adapters.feedback import RewardWithFeedback  # noqa: E402
+from sdpo_ops.adapters.trl import SDPOConfig, SDPOTrainer  # noqa: E402
+
+# Two trainers on identical batches in fp32 differ only by the order of the lm_head's float sums
+# (chunked matmul vs one matmul): ~1e-7 relative in the logits. A loss is a small difference of terms
+# of the size of the log-probs (~10), hence an absolute floor of ~eps * 10 = 1e-6 on logged values.
+# Weight *updates* are compared, so that a parameter that barely moved is checked as tightly as one that
+# moved a lot; their floor is two ulps of the largest weights (the norm gains, ~1).
+LOG_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+UPDATE_TOLERANCE = {"rtol": 1e-4, "atol": 2 * torch.finfo(torch.float32).eps}
+# Keys of TRL's logs that are wall-clock measurements, not results.
+TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
+PROMPTS = ["add 2 and 3", "name a color", "spell cat", "count to 4"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def _save_model(directory, tokenizer, **overrides) -> str:
+    model = make_model(len(tokenizer), **overrides)
+    if model.config.tie_word_embeddings:
+        # The helper widens the head's logits 20x; tied, that also scales the embeddings and the model just
+        # repeats its input (a KL of ~1e-6, all rounding). 5x keeps the samples varied and the logits peaked.
+        with torch.no_grad():
+            model.lm_head.weight.div_(4.0)
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer):
+    """TRL builds the teacher from the model's path, so the tiny models live on disk."""
+    root = tmp_path_factory.mktemp("tiny_qwen2")
+    return {
+        "untied": _save_model(root / "untied", tokenizer),
+        "tied": _save_model(root / "tied", tokenizer, tie_word_embeddings=True),
+    }
+
+
+def _dataset(**columns) -> Dataset:
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": text}] for text in PROMPTS], **columns})
+
+
+class ScheduledReward:
+    """Successes on a fixed schedule per call (one call per generation batch of one group of 4).
+
+    Independent of what was sampled, so every case sees the same mix: a group with two successes (all
+    four get a demonstration), a lone success (it gets none: self-distillation mask 0, its siblings 1),
+    a group of three, a group without success (all masked). A fresh instance per trainer.
+    """
+
+    SCHEDULE = ((1, 1, 0, 0), (1, 0, 0, 0), (1, 1, 1, 0), (0, 0, 0, 0))
+
+    def __init__(self):
+        self.calls = 0
+
+    def scores(self, count: int) -> list[float]:
+        pattern = self.SCHEDULE[self.calls % len(self.SCHEDULE)]
+        self.calls += 1
+        return [float(pattern[i % len(pattern)]) for i in range(count)]
+
+    def __call__(self, completion_ids, **kwargs) -> list[float]:
+        return self.scores(len(completion_ids))
+
+
+class _RecordTeacherContext(TrainerCallback):
+    """Keeps what TRL's teacher-context builder produced for every generation batch."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.teacher_prompts, self.self_distillation_masks = [], []
+
+    def on_teacher_context_built(self, args, state, control, teacher_input_ids, self_distillation_mask, **kwargs):
+        self.teacher_prompts += self.tokenizer.batch_decode(teacher_input_ids, skip_special_tokens=True)
+        self.self_distillation_masks.append(self_distillation_mask.cpu())
+
+
+def _config(tmp_path, **overrides) -> SDPOConfig:
+    options = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_prompt_length": 64,
+        # Two generation batches (ScheduledReward's first two patterns: distilled and masked samples).
+        "max_steps": 2,
+        # Plain SGD: Adam's first step is ~lr * sign(grad), which would turn float-rounding differences
+        # of near-zero gradient entries into lr-sized weight differences.
+        "optim": "sgd",
+        "learning_rate": 0.5,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,  # TRL defaults to bf16 autocast; the equivalence is checked in fp32
+        "seed": 0,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+    options.update(overrides)
+    return SDPOConfig(**options)
+
+
+def _train(trainer_class, model_dir, tokenizer, args, reward_funcs, dataset, callbacks=()):
+    trainer = trainer_class(
+        model=model_dir,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=list(callbacks),
+    )
+    set_seed(args.seed)
+    trainer.train()
+    weights = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
+    return trainer.state.log_history, weights
+
+
+def _initial_weights(model_dir) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+
+
+def _assert_same_training(ours, theirs, initial):
+    """Every value TRL logged, logged alike by us; every parameter updated alike (and some updated)."""
+    our_logs, our_weights = ours
+    trl_logs, trl_weights = theirs
+    assert len(our_logs) == len(trl_logs)
+    for step, (our_entry, trl_entry) in enumerate(zip(our_logs, trl_logs, strict=True)):
+        for key, expected in trl_entry.items():
+            if key in TIMING_KEYS:
+                continue
+            assert key in our_entry, f"step {step}: {key} missing from our logs"
+            torch.testing.assert_close(
+                torch.tensor(float(our_entry[key]), dtype=torch.float64),
+                torch.tensor(float(expected), dtype=torch.float64),
+                **LOG_TOLERANCE,
+                msg=lambda message, key=key, step=step: f"step {step}, {key}: {message}",
+            )
+    moved = 0.0
+    for name, expected in trl_weights.items():
+        torch.testing.assert_close(
+            our_weights[name] - initial[name],
+            expected - initial[name],
+            **UPDATE_TOLERANCE,
+            msg=lambda message, name=name: f"update of {name}: {message}",
+        )
+        moved = max(moved, float((expected - initial[name]).abs().max()))
+    assert moved > 1e-3, "the weights barely moved: the comparison would not detect a wrong gradient"
+
+
+EQUIVALENCE_CASES = {
+    # (a) the official SDPO setting: top-K with the tail bucket, generalised JSD.
+    "topk_logits_tail": ("untied", {"distillation_mode": "topk_logits", "distillation_topk": 5,
+                                    "distillation_add_tail": True, "distillation_alpha": 0.5}),
+    # (b) the whole vocabulary, forward KL, tied embeddings (the head weight is also the embedding).
+    "full_logits_tied": ("tied", {"distillation_mode": "full_logits", "distillation_alpha": 0.0}),
+    # (c) half policy loss (from the fused call's target log-probs), two iterations per generation so that
+    # old_per_token_logps exist and the clipped IS weight is active; top-K renormalised, reverse KL.
+    "blend_is_topk": ("untied", {"distillation_mode": "topk_logits", "distillation_topk": 7,
+                                 "distillation_add_tail": False, "distillation_alpha": 1.0,
+                                 "distillation_weight": 0.5, "num_iterations": 2, "max_steps": 3,
+                                 "distillation_is_clip": 1.05, "loss_type": "grpo"}),
+    # TRL's default mode: token-level reverse KL from the target log-probs, with IS.
+    "sampled_token_is": ("untied", {"distillation_mode": "sampled_token", "distillation_alpha": 1.0,
+                                    "num_iterations": 2, "max_steps": 3}),
+    # Pure policy loss: the fused call's target log-probs alone (the student is its own detached teacher).
+    "policy_only": ("untied", {"distillation_mode": "full_logits", "distillation_weight": 0.0, "loss_type": "dapo"}),
+}
+
+
+@pytest.mark.parametrize("case", list(EQUIVALENCE_CASES))
+def test_matches_trl_losses_and_weights(case, model_dirs, tokenizer, tmp_path):
+    model_key, overrides = EQUIVALENCE_CASES[case]
+    model_dir = model_dirs[model_key]
+    args = _config(tmp_path, **overrides)
+    recorder = _RecordTeacherContext(tokenizer)
+    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset(), callbacks=[recorder])
+    _assert_same_training(ours, theirs, _initial_weights(model_dir))
+
+    # The batches exercised both distilled samples and samples without a teacher signal.
+    masks = torch.cat(recorder.self_distillation_masks)
+    assert masks.min() == 0 and masks.max() == 1
+    our_logs = ours[0][:-1]
+    if overrides["distillation_mode"] == "topk_logits" and overrides.get("distillation_weight", 1.0) > 0:
+        masses = [entry["self_distillation/topk_mass_mean"] for entry in our_logs]
+        assert all(0.0 < mass < 1.0 for mass in masses)
+    if overrides.get("num_iterations", 1) > 1:
+        # Second iterations reuse the rollout, after an optimizer step: the weights are no longer 1.
+        weights = [entry["self_distillation/is_weight_mean"] for entry in our_logs]
+        assert any(abs(weight - 1.0) > 1e-4 for weight in weights)
+        assert all(0.0 < weight <= args.distillation_is_clip for weight in weights)
+
+
+def test_matches_trl_with_lora(model_dirs, tokenizer, tmp_path):
+    """PEFT: the backbone is reached below the PeftModel, the EMA teacher is TRL's "teacher" adapter."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    model_dir = model_dirs["untied"]
+    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, distillation_add_tail=True,
+                   distillation_alpha=0.5, learning_rate=2.0)
+
+    def train(trainer_class):
+        trainer = trainer_class(model=model_dir, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(),
+                                processing_class=tokenizer, peft_config=lora)
+
+        def lora_weights():
+            return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_" in name}
+
+        initial = lora_weights()
+        set_seed(args.seed)
+        trainer.train()
+        return (trainer.state.log_history, lora_weights()), initial
+
+    (ours, our_initial), (theirs, initial) = train(SDPOTrainer), train(TRLSDPOTrainer)
+    assert our_initial.keys() == initial.keys()
+    for name, value in initial.items():  # same seed, same adapter initialisation
+        torch.testing.assert_close(our_initial[name], value, rtol=0, atol=0)
+    # TRL adds the EMA "teacher" adapter at train begin, zero-initialised.
+    initial = {name: initial.get(name, torch.zeros_like(value)) for name, value in theirs[1].items()}
+    assert any(".teacher." in name for name in initial)
+    _assert_same_training(ours, theirs, initial)
+
+
+def test_bf16_autocast_follows_trl(model_dirs, tokenizer, tmp_path):
+    """TRL's default ``bf16=True`` runs the model under autocast: the adapter's backbone and head follow it.
+
+    One step, same batch. TRL rounds its logits to bf16, the fused head keeps them in fp32, so the two
+    differ by bf16 rounding; the same training in fp32 differs from TRL's bf16 run by ~4e-3 relative here,
+    beyond the bound, so an adapter ignoring autocast would fail.
+    """
+    args = _config(tmp_path, bf16=True, max_steps=1, distillation_mode="topk_logits", distillation_topk=5,
+                   distillation_add_tail=True, distillation_alpha=0.5)
+    model_dir = model_dirs["untied"]
+    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    for key in ("loss", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(ours[0][0][key]), torch.tensor(theirs[0][0][key]), rtol=1e-3, atol=0)
+
+
+def test_reward_feedback_equals_dataset_column(model_dirs, tokenizer, tmp_path):
+    """Feedback a reward function returns for every completion == the same text as TRL's dataset column."""
+    hint = "Hint: answer in one word."
+    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, distillation_add_tail=True,
+                   distillation_alpha=0.5, include_environment_feedback=True, max_steps=2)
+
+    class ScheduledRewardWithFeedback(ScheduledReward):
+        def __call__(self, completion_ids, **kwargs):
+            scores = self.scores(len(completion_ids))
+            return RewardWithFeedback(scores, [hint] * len(scores))
+
+    # The reward function's name is a logged metric key: give both the same one.
+    ScheduledRewardWithFeedback.__name__ = ScheduledReward.__name__
+    model_dir = model_dirs["untied"]
+    recorder = _RecordTeacherContext(tokenizer)
+    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(),
+                    _dataset(privileged_context=[hint] * len(PROMPTS)))
+    ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledRewardWithFeedback(), _dataset(),
+                  callbacks=[recorder])
+    _assert_same_training(ours, theirs, _initial_weights(model_dir))
+    assert all(entry["self_distillation/feedback_used_fraction"] == 1.0 for entry in ours[0][:-1])
+    teacher_prompts = recorder.teacher_prompts
+    assert all(hint in prompt for prompt in teacher_prompts)
+
+
+def test_reward_feedback_reaches_its_own_teacher_prompt(model_dirs, tokenizer, tmp_path):
+    """Per-completion feedback (dicts, failures only) lands in that completion's teacher prompt, nowhere else."""
+    given: list[list[str | None]] = []
+
+    schedule = ScheduledReward()
+
+    def graded(completion_ids, **kwargs):
+        items = []
+        for ids, score in zip(completion_ids, schedule.scores(len(completion_ids)), strict=True):
+            # The text depends on the completion: a row shifted to another completion's prompt would show.
+            items.append({"score": score, "feedback": None if score else f"Wrong: total {sum(ids)}."})
+        given.append([item["feedback"] for item in items])
+        return items
+
+    recorder = _RecordTeacherContext(tokenizer)
+    args = _config(tmp_path, distillation_mode="sampled_token", distillation_alpha=1.0, max_steps=2,
+                   include_environment_feedback=True, environment_feedback_only_without_solution=False)
+    _train(SDPOTrainer, model_dirs["untied"], tokenizer, args, graded, _dataset(), callbacks=[recorder])
+
+    feedback = [text for batch in given for text in batch]
+    teacher_prompts = recorder.teacher_prompts
+    masks = torch.cat(recorder.self_distillation_masks)
+    assert len(teacher_prompts) == len(feedback)
+    assert any(text is None for text in feedback) and any(text is not None for text in feedback)
+    marker = "feedback from your unsuccessful earlier attempt"
+    for prompt, text, mask in zip(teacher_prompts, feedback, masks, strict=True):
+        if text is None:
+            assert marker not in prompt
+        else:
+            assert marker in prompt and text in prompt
+            assert mask == 1  # feedback alone gives a teacher signal
+
+
+def _tiny_model_with_logit_transform(kind: str, vocab_size: int):
+    if kind == "gemma2_softcapping":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+        return Gemma2ForCausalLM(config)
+    from transformers import CohereConfig, CohereForCausalLM
+
+    config = CohereConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, logit_scale=0.0625)
+    return CohereForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("kind", "attribute"),
+    [("gemma2_softcapping", "final_logit_softcapping"), ("cohere_logit_scale", "logit_scale")],
+)
+def test_refuses_models_with_logit_transforms(kind, attribute, tokenizer, tmp_path):
+    model = _tiny_model_with_logit_transform(kind, len(tokenizer))
+    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live")
+    with pytest.raises(ValueError, match=attribute):
+        SDPOTrainer(model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(),
+                    processing_class=tokenizer)
+
+
+def test_refuses_undeclared_logit_transform(tokenizer, tmp_path):
+    """A head that does more than ``hidden @ W^T`` without saying so in its config is caught at the first step."""
+    model = make_model(len(tokenizer))
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    linear_forward = model.lm_head.forward
+    model.lm_head.forward = lambda hidden: 2.0 * linear_forward(hidden)
+    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live",
+                   max_steps=1)
+    trainer = SDPOTrainer(model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(),
+                          processing_class=tokenizer)
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        trainer.train()
+
+
+def test_topk_mode_without_topk_is_refused(model_dirs, tokenizer, tmp_path):
+    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=None, teacher_model_kind="live")
+    with pytest.raises(ValueError, match="distillation_topk"):
+        SDPOTrainer(model=model_dirs["untied"], reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(),
+                    processing_class=tokenizer)
