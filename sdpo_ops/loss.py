@@ -123,10 +123,10 @@ def _check_targets(target_ids: Tensor | None, old_logprobs: Tensor | None, vocab
     if target_ids.is_floating_point() or target_ids.is_complex() or target_ids.dtype == torch.bool:
         raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
     # One host sync, before any kernel runs: an out-of-range id would otherwise read out of bounds.
-    if target_ids.numel() and (int(target_ids.min()) < 0 or int(target_ids.max()) >= vocab):
-        raise ValueError(
-            f"target_ids must lie in [0, V={vocab}), got values in [{int(target_ids.min())}, {int(target_ids.max())}]"
-        )
+    if target_ids.numel():
+        low, high = (int(v) for v in torch.stack(torch.aminmax(target_ids)).tolist())
+        if low < 0 or high >= vocab:
+            raise ValueError(f"target_ids must lie in [0, V={vocab}), got values in [{low}, {high}]")
 
 
 def _reduction_coefficients(mask: Tensor, reduction: str, normalizer) -> Tensor:
