@@ -78,12 +78,15 @@ def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | Non
     return out
 
 
-def _accumulate_weight_grad(accumulator: Tensor, logit_grad: Tensor, hidden: Tensor) -> None:
-    """``accumulator += logit_grad^T @ hidden`` in fp32 (rounding each chunk's product to bf16 biases training)."""
+def _accumulate_weight_grad(accumulator: Tensor, logit_grad: Tensor, gemm_grad: Tensor, hidden: Tensor) -> None:
+    """``accumulator += logit_grad^T @ hidden`` in fp32 (rounding each chunk's product to bf16 biases training).
+
+    ``gemm_grad`` is ``logit_grad`` already cast to the hidden states' dtype (bf16 tensor cores on CUDA).
+    """
     if hidden.dtype == accumulator.dtype:
         accumulator.addmm_(logit_grad.t(), hidden)
     elif _uses_fp32_output_mm(hidden):
-        torch.addmm(accumulator, logit_grad.t().to(hidden.dtype), hidden, out_dtype=torch.float32, out=accumulator)
+        torch.addmm(accumulator, gemm_grad.t(), hidden, out_dtype=torch.float32, out=accumulator)
     else:
         accumulator.addmm_(logit_grad.t(), hidden.to(accumulator.dtype))
 
@@ -109,10 +112,12 @@ class _Gradients:
         )
 
     def add_chunk(self, rows: slice, logit_grad: Tensor, hidden: Tensor, weight: Tensor) -> None:
+        # One cast of the chunk's gradient (a [C, V] copy) serves both GEMMs.
+        gemm_grad = logit_grad.to(weight.dtype)
         if self.hidden is not None:
-            self.hidden[rows] = torch.mm(logit_grad.to(weight.dtype), weight).to(self.hidden.dtype)
+            self.hidden[rows] = torch.mm(gemm_grad, weight)
         if self.weight is not None:
-            _accumulate_weight_grad(self.weight, logit_grad, hidden[rows])
+            _accumulate_weight_grad(self.weight, logit_grad, gemm_grad, hidden[rows])
         if self.bias is not None:
             self.bias.add_(logit_grad.sum(0))
 
