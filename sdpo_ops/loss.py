@@ -70,6 +70,16 @@ def _check_per_token(name: str, value: Tensor | None, leading_shape: torch.Size,
         )
 
 
+def _checked_per_token_inputs(
+    per_token: dict[str, Tensor | None], leading_shape: torch.Size, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Check the per-token inputs' shapes and devices; return the mask as a detached float tensor."""
+    for name, value in per_token.items():
+        _check_per_token(name, value, leading_shape, device)
+    mask = per_token["mask"]
+    return (torch.ones(leading_shape, device=device, dtype=dtype) if mask is None else mask.to(dtype)).detach()
+
+
 def _check_options(*, vocab: int, topk, alpha, is_clip, temperature, reduction, normalizer, backend) -> None:
     if topk is not None:
         if isinstance(topk, bool) or not isinstance(topk, int):
@@ -257,13 +267,8 @@ def sdpo_loss(
         raise ValueError(
             f"vocab mismatch: student_weight has V={vocab} rows, teacher_weight has {teacher_weight.shape[0]}"
         )
-    for name, value in (
-        ("mask", mask),
-        ("target_ids", target_ids),
-        ("old_logprobs", old_logprobs),
-        ("token_weights", token_weights),
-    ):
-        _check_per_token(name, value, leading_shape, device)
+    per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
+    float_mask = _checked_per_token_inputs(per_token, leading_shape, device, accumulation_dtype(student_hidden.dtype))
     if isinstance(normalizer, Tensor):
         _check_tensor("normalizer", normalizer, device=device)
     _check_options(
@@ -280,9 +285,7 @@ def sdpo_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    mask_dtype = accumulation_dtype(student_hidden.dtype)
-    float_mask = torch.ones(leading_shape, device=device, dtype=mask_dtype) if mask is None else mask.to(mask_dtype)
-    float_mask = float_mask.detach()
+    mask_dtype = float_mask.dtype
     if backend == "auto":
         fits_triton = topk is None or topk <= TRITON_MAX_TOPK
         backend = "triton" if device.type == "cuda" and fits_triton else "torch"
@@ -406,13 +409,8 @@ def sdpo_loss_from_logits(
     if student_logits.dim() not in (2, 3):
         raise ValueError(f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
     leading_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-    for name, value in (
-        ("mask", mask),
-        ("target_ids", target_ids),
-        ("old_logprobs", old_logprobs),
-        ("token_weights", token_weights),
-    ):
-        _check_per_token(name, value, leading_shape, device)
+    per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
+    float_mask = _checked_per_token_inputs(per_token, leading_shape, device, accumulation_dtype(student_logits.dtype))
     _check_options(
         vocab=vocab,
         topk=topk,
@@ -424,8 +422,6 @@ def sdpo_loss_from_logits(
         backend="reference",
     )
     _check_targets(target_ids, old_logprobs, vocab)
-    mask_dtype = accumulation_dtype(student_logits.dtype)
-    float_mask = torch.ones(leading_shape, device=device, dtype=mask_dtype) if mask is None else mask.to(mask_dtype)
     result = sdpo_loss_reference_from_logits(
         student_logits,
         teacher_logits,
