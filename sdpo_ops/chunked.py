@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -120,6 +121,25 @@ class _Gradients:
             _accumulate_weight_grad(self.weight, logit_grad, gemm_grad, hidden[rows])
         if self.bias is not None:
             self.bias.add_(logit_grad.sum(0))
+
+
+class _SavedForBackward(NamedTuple):
+    """What backward needs: the inputs, and per row the statistics and gradient coefficients of forward."""
+
+    student_hidden: Tensor  # [N, H]
+    student_weight: Tensor  # [V, H]
+    student_bias: Tensor | None  # [V]
+    teacher_hidden: Tensor  # [N, Ht]
+    teacher_weight: Tensor  # [V, Ht]
+    teacher_bias: Tensor | None  # [V]
+    target_ids: Tensor | None  # [N]
+    row_weight: Tensor  # [N]
+    is_weight: Tensor  # [N]
+    student_lse: Tensor  # [N]
+    teacher_lse: Tensor  # [N]
+    topk_index: Tensor  # [N, K]
+    sparse_grad: Tensor  # [N, K]
+    dense_grad: Tensor  # [N]
 
 
 class ChunkedSDPOFunction(torch.autograd.Function):
@@ -223,46 +243,21 @@ class ChunkedSDPOFunction(torch.autograd.Function):
 
         ctx.options, ctx.row_ops = options, row_ops
         ctx.form_grad_now = form_grad_now
-        ctx.student_bias_dtype = None if student_bias is None else student_bias.dtype
         ctx.precomputed = grads
         ctx.save_for_backward(
-            student_hidden,
-            student_weight,
-            student_bias,
-            teacher_hidden,
-            teacher_weight,
-            teacher_bias,
-            target_ids,
-            row_weight,
-            is_weight,
-            student_lse,
-            teacher_lse,
-            topk_index,
-            sparse_grad,
-            dense_grad,
-        )
+            *_SavedForBackward(
+                student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                target_ids, row_weight, is_weight, student_lse, teacher_lse, topk_index, sparse_grad, dense_grad,
+            )
+        )  # fmt: skip
         ctx.mark_non_differentiable(teacher_target_logprobs, is_weight, topk_mass, per_token_divergence)
         loss = per_token_loss.sum() if options.grad_in_forward else per_token_loss
         return loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, per_token_divergence
 
     @staticmethod
     def backward(ctx, grad_loss, grad_target_logprobs, *_grad_non_differentiable):
-        (
-            student_hidden,
-            student_weight,
-            student_bias,
-            teacher_hidden,
-            teacher_weight,
-            teacher_bias,
-            target_ids,
-            row_weight,
-            is_weight,
-            student_lse,
-            teacher_lse,
-            topk_index,
-            sparse_grad,
-            dense_grad,
-        ) = ctx.saved_tensors
+        saved = _SavedForBackward(*ctx.saved_tensors)
+        student_hidden, student_weight = saved.student_hidden, saved.student_weight
         options = ctx.options
         needs_grad = tuple(ctx.needs_input_grad[:3])
         grads = _Gradients(None, None, None)
@@ -276,28 +271,10 @@ class ChunkedSDPOFunction(torch.autograd.Function):
         # A recompute pass: per-token upstream gradient of the loss, or a gradient of the target log-probs.
         loss_scale = None
         if grad_loss is not None and not ctx.form_grad_now:
-            loss_scale = torch.where(row_weight != 0, grad_loss * row_weight * is_weight, 0.0)
+            loss_scale = torch.where(saved.row_weight != 0, grad_loss * saved.row_weight * saved.is_weight, 0.0)
         if (loss_scale is not None or grad_target_logprobs is not None) and any(needs_grad):
             recomputed = _Gradients.allocate(needs_grad, student_hidden, student_weight)
-            _recompute_pass(
-                ctx.row_ops,
-                options,
-                recomputed,
-                student_hidden,
-                student_weight,
-                student_bias,
-                teacher_hidden,
-                teacher_weight,
-                teacher_bias,
-                target_ids,
-                loss_scale,
-                grad_target_logprobs,
-                student_lse,
-                teacher_lse,
-                topk_index,
-                sparse_grad,
-                dense_grad,
-            )
+            _recompute_pass(ctx.row_ops, options, recomputed, saved, loss_scale, grad_target_logprobs)
             pairs = zip(
                 (grads.hidden, grads.weight, grads.bias),
                 (recomputed.hidden, recomputed.weight, recomputed.bias),
@@ -305,7 +282,7 @@ class ChunkedSDPOFunction(torch.autograd.Function):
             )
             grads = _Gradients(*(new if old is None else old + new for old, new in pairs))
         grad_weight = None if grads.weight is None else grads.weight.to(student_weight.dtype)
-        grad_bias = None if grads.bias is None else grads.bias.to(ctx.student_bias_dtype)
+        grad_bias = None if grads.bias is None else grads.bias.to(saved.student_bias.dtype)
         return (
             grads.hidden,
             grad_weight,
@@ -354,24 +331,19 @@ def _form_logit_grad(
 
 
 def _recompute_pass(
-    row_ops,
-    options,
-    grads,
-    student_hidden,
-    student_weight,
-    student_bias,
-    teacher_hidden,
-    teacher_weight,
-    teacher_bias,
-    target_ids,
-    loss_scale,
-    target_scale,
-    student_lse,
-    teacher_lse,
-    topk_index,
-    sparse_grad,
-    dense_grad,
+    row_ops: ModuleType,
+    options: FusedOptions,
+    grads: _Gradients,
+    saved: _SavedForBackward,
+    loss_scale: Tensor | None,
+    target_scale: Tensor | None,
 ) -> None:
+    """Recompute the student's logits chunk by chunk and accumulate the gradient of
+    ``sum_t loss_scale_t * D_t + target_scale_t * log p(target_t)`` into ``grads``."""
+    student_hidden, student_weight, student_bias = saved.student_hidden, saved.student_weight, saved.student_bias
+    teacher_hidden, teacher_weight, teacher_bias = saved.teacher_hidden, saved.teacher_weight, saved.teacher_bias
+    target_ids, student_lse, teacher_lse = saved.target_ids, saved.student_lse, saved.teacher_lse
+    topk_index, sparse_grad, dense_grad = saved.topk_index, saved.sparse_grad, saved.dense_grad
     num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
     inv_temperature = 1.0 / options.temperature
     chunk = options.chunk_size
