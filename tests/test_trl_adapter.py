@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from tolerances import TRAINER_LOG, TRAINER_WEIGHT_UPDATE
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
@@ -29,8 +30,6 @@ from sdpo_ops.adapters.trl import SDPOConfig, SDPOTrainer  # noqa: E402
 # of the size of the log-probs (~10), hence an absolute floor of ~eps * 10 = 1e-6 on logged values.
 # Weight *updates* are compared, so that a parameter that barely moved is checked as tightly as one that
 # moved a lot; their floor is two ulps of the largest weights (the norm gains, ~1).
-LOG_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
-UPDATE_TOLERANCE = {"rtol": 1e-4, "atol": 2 * torch.finfo(torch.float32).eps}
 # Keys of TRL's logs that are wall-clock measurements, not results.
 TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 PROMPTS = ["add 2 and 3", "name a color", "spell cat", "count to 4"]
@@ -164,7 +163,7 @@ def _assert_same_training(ours, theirs, initial):
             torch.testing.assert_close(
                 torch.tensor(float(our_entry[key]), dtype=torch.float64),
                 torch.tensor(float(expected), dtype=torch.float64),
-                **LOG_TOLERANCE,
+                **TRAINER_LOG,
                 msg=lambda message, key=key, step=step: f"step {step}, {key}: {message}",
             )
     moved = 0.0
@@ -172,7 +171,7 @@ def _assert_same_training(ours, theirs, initial):
         torch.testing.assert_close(
             our_weights[name] - initial[name],
             expected - initial[name],
-            **UPDATE_TOLERANCE,
+            **TRAINER_WEIGHT_UPDATE,
             msg=lambda message, name=name: f"update of {name}: {message}",
         )
         moved = max(moved, float((expected - initial[name]).abs().max()))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerances import TRAINER_LOG, TRAINER_WEIGHT_UPDATE
 
 pytest.importorskip("trl")
 pytest.importorskip("accelerate")
@@ -27,8 +28,6 @@ from adapters_tiny import make_model, make_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "trl_adapter_train.py"
 # Same reasoning as tests/test_trl_adapter.py: fp32 reduction-order noise only.
-LOG_TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
-UPDATE_TOLERANCE = {"rtol": 1e-4, "atol": 2 * torch.finfo(torch.float32).eps}
 COMPARED_LOG_KEYS = ("loss", "grad_norm", "self_distillation/is_weight_mean", "self_distillation/topk_mass_mean",
                      "self_distillation/feedback_used_fraction")
 
@@ -80,7 +79,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
                 torch.testing.assert_close(
                     torch.tensor(float(actual[key]), dtype=torch.float64),
                     torch.tensor(float(expected[key]), dtype=torch.float64),
-                    **LOG_TOLERANCE,
+                    **TRAINER_LOG,
                     msg=lambda message, key=key, step=step: f"step {step}, {key}: {message}",
                 )
     # The reward function's feedback for the failing prompt reached the teacher across processes.
@@ -90,7 +89,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         torch.testing.assert_close(
             ranks[0]["weights"][name] - initial[name],
             expected - initial[name],
-            **UPDATE_TOLERANCE,
+            **TRAINER_WEIGHT_UPDATE,
             msg=lambda message, name=name: f"update of {name}: {message}",
         )
         # DDP keeps the replicas bit-identical.
