@@ -115,8 +115,11 @@ def make_inputs(case: Case, dtype: torch.dtype) -> dict:
     if case.is_mode in ("on", "old_only"):
         # Ratios exp(lp - old) spread over [e^-1.5, e^1.5] (both sides of every is_clip), plus a few rows
         # beyond the +/-20 clamp of the log-ratio.
-        logits = torch.nn.functional.linear(student_hidden.double(), student_weight.double(),
-                                            None if inputs["student_bias"] is None else inputs["student_bias"].double())
+        logits = torch.nn.functional.linear(
+            student_hidden.double(),
+            student_weight.double(),
+            None if inputs["student_bias"] is None else inputs["student_bias"].double(),
+        )
         target_logprobs = torch.log_softmax(logits / case.temperature, -1).gather(-1, target_ids[..., None])[..., 0]
         offset = torch.rand(shape, generator=generator, dtype=torch.float64) * 3 - 1.5
         far = torch.rand(shape, generator=generator) < 0.1
@@ -152,15 +155,20 @@ def options_of(case: Case) -> dict:
 
 def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype) -> tuple[SDPOOutput, dict]:
     """Fresh leaves, forward, backward of ``loss (+ target-logprob blend)``; returns output and grads."""
-    leaves = {k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) and v.requires_grad else v)
-              for k, v in inputs.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) and v.requires_grad else v)
+        for k, v in inputs.items()
+    }
     options = options_of(case)
     if backend == "reference":
         options.pop("chunk_size")
     sides = ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")
     out = sdpo_loss(
-        *(leaves[name] for name in sides), **{k: v for k, v in leaves.items() if k not in sides},
-        backend=backend, return_outputs=True, **options,
+        *(leaves[name] for name in sides),
+        **{k: v for k, v in leaves.items() if k not in sides},
+        backend=backend,
+        return_outputs=True,
+        **options,
     )
     generator = torch.Generator().manual_seed(case.seed + 1)
     if case.reduction == "none":
@@ -174,15 +182,19 @@ def run(case: Case, inputs: dict, backend: str, dtype: torch.dtype) -> tuple[SDP
     objective.backward()
     for name in ("teacher_hidden", "teacher_weight", "teacher_bias"):
         assert leaves[name] is None or leaves[name].grad is None, f"{backend}: {name} got a gradient"
-    grads = {name: leaves[name].grad for name in ("student_hidden", "student_weight", "student_bias")
-             if leaves[name] is not None}
+    grads = {
+        name: leaves[name].grad
+        for name in ("student_hidden", "student_weight", "student_bias")
+        if leaves[name] is not None
+    }
     return out, grads
 
 
 def hand_target_logprobs(inputs: dict, side: str, temperature: float) -> torch.Tensor:
     bias = inputs[f"{side}_bias"]
     logits = torch.nn.functional.linear(
-        inputs[f"{side}_hidden"].detach().double(), inputs[f"{side}_weight"].detach().double(),
+        inputs[f"{side}_hidden"].detach().double(),
+        inputs[f"{side}_weight"].detach().double(),
         None if bias is None else bias.detach().double(),
     )
     return torch.log_softmax(logits / temperature, -1).gather(-1, inputs["target_ids"][..., None])[..., 0]
@@ -204,8 +216,9 @@ def assert_matches_reference(case: Case, dtype: torch.dtype) -> None:
         assert out.is_weight is None
     if case.with_targets:
         torch.testing.assert_close(out.target_logprobs, expected.target_logprobs, **tolerance)
-        torch.testing.assert_close(out.teacher_target_logprobs.double(),
-                                   hand_target_logprobs(inputs, "teacher", case.temperature), **tolerance)
+        torch.testing.assert_close(
+            out.teacher_target_logprobs.double(), hand_target_logprobs(inputs, "teacher", case.temperature), **tolerance
+        )
         assert not out.teacher_target_logprobs.requires_grad
     else:
         assert out.target_logprobs is None and out.teacher_target_logprobs is None
@@ -236,10 +249,26 @@ def test_torch_backend_chunking_edge_cases(reduction, topk, add_tail):
     """Chunks that do not divide N, a chunk of one row, a chunk larger than N; 3-D input, all options on."""
     for chunk_size in (1, 4, 7, 100):
         case = Case(
-            leading_shape=(3, 5), hidden=4, teacher_hidden=6, vocab=11, topk=topk, add_tail=add_tail, alpha=0.35,
-            temperature=1.3, is_mode="on", is_clip=1.2, with_targets=True, blend_targets=True, reduction=reduction,
-            mask_kind="empty_sequence", student_bias=True, teacher_bias=True, token_weights=True,
-            normalizer=None if reduction in ("sum", "none") else "tensor", chunk_size=chunk_size, seed=chunk_size,
+            leading_shape=(3, 5),
+            hidden=4,
+            teacher_hidden=6,
+            vocab=11,
+            topk=topk,
+            add_tail=add_tail,
+            alpha=0.35,
+            temperature=1.3,
+            is_mode="on",
+            is_clip=1.2,
+            with_targets=True,
+            blend_targets=True,
+            reduction=reduction,
+            mask_kind="empty_sequence",
+            student_bias=True,
+            teacher_bias=True,
+            token_weights=True,
+            normalizer=None if reduction in ("sum", "none") else "tensor",
+            chunk_size=chunk_size,
+            seed=chunk_size,
         )
         assert_matches_reference(case, torch.float64)
 
@@ -248,17 +277,41 @@ def test_torch_backend_chunking_edge_cases(reduction, topk, add_tail):
 def test_teacher_target_logprobs_of_every_entry_point(entry):
     """``teacher_target_logprobs`` is documented for every backend: detached, set with target_ids, exact in fp64."""
     case = Case(
-        leading_shape=(6,), hidden=4, teacher_hidden=4, vocab=9, topk=3, add_tail=True, alpha=0.5, temperature=1.4,
-        is_mode="off", is_clip=2.0, with_targets=True, blend_targets=False, reduction="token-mean", mask_kind="none",
-        student_bias=False, teacher_bias=True, token_weights=False, normalizer=None, chunk_size=4, seed=0,
+        leading_shape=(6,),
+        hidden=4,
+        teacher_hidden=4,
+        vocab=9,
+        topk=3,
+        add_tail=True,
+        alpha=0.5,
+        temperature=1.4,
+        is_mode="off",
+        is_clip=2.0,
+        with_targets=True,
+        blend_targets=False,
+        reduction="token-mean",
+        mask_kind="none",
+        student_bias=False,
+        teacher_bias=True,
+        token_weights=False,
+        normalizer=None,
+        chunk_size=4,
+        seed=0,
     )
     inputs = make_inputs(case, torch.float64)
     expected = hand_target_logprobs(inputs, "teacher", case.temperature)
     if entry == "from_logits":
-        teacher_logits = torch.nn.functional.linear(inputs["teacher_hidden"], inputs["teacher_weight"],
-                                                    inputs["teacher_bias"])
-        out = sdpo_loss_from_logits(inputs["student_hidden"] @ inputs["student_weight"].T, teacher_logits,
-                                    target_ids=inputs["target_ids"], topk=3, temperature=1.4, return_outputs=True)
+        teacher_logits = torch.nn.functional.linear(
+            inputs["teacher_hidden"], inputs["teacher_weight"], inputs["teacher_bias"]
+        )
+        out = sdpo_loss_from_logits(
+            inputs["student_hidden"] @ inputs["student_weight"].T,
+            teacher_logits,
+            target_ids=inputs["target_ids"],
+            topk=3,
+            temperature=1.4,
+            return_outputs=True,
+        )
     else:
         out, _ = run(case, inputs, entry, torch.float64)
     assert out.teacher_target_logprobs is not None, f"{entry}: teacher_target_logprobs is None"
@@ -299,9 +352,23 @@ def test_torch_backend_gradcheck(topk, add_tail, alpha, reduction, blend):
 
     def function(hidden, weight, bias):
         out = sdpo_loss(
-            hidden, weight, teacher_hidden, teacher_weight, student_bias=bias, mask=mask, target_ids=target_ids,
-            old_logprobs=old_logprobs, topk=topk, add_tail=add_tail, alpha=alpha, is_clip=1.5, temperature=0.8,
-            reduction=reduction, backend="torch", chunk_size=4, return_outputs=True,
+            hidden,
+            weight,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=bias,
+            mask=mask,
+            target_ids=target_ids,
+            old_logprobs=old_logprobs,
+            topk=topk,
+            add_tail=add_tail,
+            alpha=alpha,
+            is_clip=1.5,
+            temperature=0.8,
+            reduction=reduction,
+            backend="torch",
+            chunk_size=4,
+            return_outputs=True,
         )
         return (out.loss, out.target_logprobs) if blend else out.loss
 
@@ -330,8 +397,16 @@ def test_no_grad_gives_the_same_loss_and_no_grads(reduction):
     options = {"topk": 4, "target_ids": target_ids, "old_logprobs": torch.full((5,), -2.5), "reduction": reduction}
     expected = sdpo_loss(hidden, weight, teacher_hidden, teacher_weight, backend="reference", **options)
     with torch.no_grad():
-        out = sdpo_loss(hidden, weight, teacher_hidden, teacher_weight, backend="torch", chunk_size=2,
-                        return_outputs=True, **options)
+        out = sdpo_loss(
+            hidden,
+            weight,
+            teacher_hidden,
+            teacher_weight,
+            backend="torch",
+            chunk_size=2,
+            return_outputs=True,
+            **options,
+        )
     assert not out.loss.requires_grad and not out.target_logprobs.requires_grad
     torch.testing.assert_close(out.loss, expected.detach(), **ELEMENTWISE[torch.float32])
     assert hidden.grad is None and weight.grad is None
@@ -344,8 +419,17 @@ def test_frozen_lm_head_still_gives_the_hidden_grad():
         leaf = hidden.clone().requires_grad_()
         frozen = weight.clone()  # requires_grad False
         bias = torch.zeros(13, requires_grad=True)
-        loss = sdpo_loss(leaf, frozen, teacher_hidden, teacher_weight, student_bias=bias, topk=3, backend=backend,
-                         target_ids=target_ids, old_logprobs=torch.full((5,), -1.0))
+        loss = sdpo_loss(
+            leaf,
+            frozen,
+            teacher_hidden,
+            teacher_weight,
+            student_bias=bias,
+            topk=3,
+            backend=backend,
+            target_ids=target_ids,
+            old_logprobs=torch.full((5,), -1.0),
+        )
         loss.backward()
         assert frozen.grad is None
         grads[backend] = (leaf.grad, bias.grad)
@@ -379,16 +463,25 @@ def test_backward_twice_with_retain_graph_accumulates():
 
 def test_module_equals_function():
     hidden, weight, teacher_hidden, teacher_weight, target_ids = _small_inputs(seed=2, shape=(2, 3))
-    options = {"topk": 5, "add_tail": False, "alpha": 0.2, "is_clip": 1.3, "temperature": 0.9,
-               "reduction": "seq-mean-token-mean", "backend": "torch", "chunk_size": 4}
+    options = {
+        "topk": 5,
+        "add_tail": False,
+        "alpha": 0.2,
+        "is_clip": 1.3,
+        "temperature": 0.9,
+        "reduction": "seq-mean-token-mean",
+        "backend": "torch",
+        "chunk_size": 4,
+    }
     old_logprobs = torch.full((2, 3), -2.0)
     criterion = SDPOLoss(**options)
     assert list(criterion.parameters()) == []
     results = []
     for call in (
         lambda h, w: criterion(h, w, teacher_hidden, teacher_weight, target_ids=target_ids, old_logprobs=old_logprobs),
-        lambda h, w: sdpo_loss(h, w, teacher_hidden, teacher_weight, target_ids=target_ids,
-                               old_logprobs=old_logprobs, **options),
+        lambda h, w: sdpo_loss(
+            h, w, teacher_hidden, teacher_weight, target_ids=target_ids, old_logprobs=old_logprobs, **options
+        ),
     ):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         loss = call(h, w)
@@ -412,8 +505,17 @@ def test_from_logits_matches_the_hidden_state_paths(shape, topk):
     target_ids = torch.randint(vocab, shape, generator=generator)
     old_logprobs = -torch.rand(shape, generator=generator, dtype=torch.float64) * 4
     mask = torch.rand(shape, generator=generator) < 0.8
-    options = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "topk": topk, "alpha": 0.6,
-               "is_clip": 1.4, "temperature": 1.2, "reduction": "none", "return_outputs": True}
+    options = {
+        "mask": mask,
+        "target_ids": target_ids,
+        "old_logprobs": old_logprobs,
+        "topk": topk,
+        "alpha": 0.6,
+        "is_clip": 1.4,
+        "temperature": 1.2,
+        "reduction": "none",
+        "return_outputs": True,
+    }
     identity = torch.eye(vocab, dtype=torch.float64)
     upstream = torch.randn(shape, generator=generator, dtype=torch.float64)
     coefficient = torch.randn(shape, generator=generator, dtype=torch.float64)
@@ -453,8 +555,15 @@ def test_metrics_match_hand_computation(entry, topk):
     logits = hidden @ weight.T
     target_logprobs = torch.log_softmax(logits / temperature, -1).gather(-1, target_ids[..., None])[..., 0]
     old_logprobs = target_logprobs - (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1)
-    options = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "topk": topk,
-               "is_clip": is_clip, "temperature": temperature, "return_outputs": True}
+    options = {
+        "mask": mask,
+        "target_ids": target_ids,
+        "old_logprobs": old_logprobs,
+        "topk": topk,
+        "is_clip": is_clip,
+        "temperature": temperature,
+        "return_outputs": True,
+    }
     if entry == "from_logits":
         out = sdpo_loss_from_logits(logits, teacher_hidden @ weight.T, **options)
     else:
@@ -462,8 +571,11 @@ def test_metrics_match_hand_computation(entry, topk):
 
     ratio = torch.exp(target_logprobs - old_logprobs)
     probs = torch.softmax(logits / temperature, -1)
-    mass = torch.ones(shape, dtype=torch.float64) if topk is None else probs.sort(-1, descending=True).values[
-        ..., :topk].sum(-1)
+    mass = (
+        torch.ones(shape, dtype=torch.float64)
+        if topk is None
+        else probs.sort(-1, descending=True).values[..., :topk].sum(-1)
+    )
     count = mask.sum()
     expected = {
         "is_weight_mean": (torch.clamp(ratio, max=is_clip) * mask).sum() / count,
@@ -482,8 +594,7 @@ def test_metrics_match_hand_computation(entry, topk):
 def test_metrics_without_importance_sampling():
     hidden, weight, teacher_hidden, teacher_weight, _ = _small_inputs(seed=9)
     for backend in ("torch", "reference"):
-        out = sdpo_loss(hidden, weight, teacher_hidden, teacher_weight, topk=None, backend=backend,
-                        return_outputs=True)
+        out = sdpo_loss(hidden, weight, teacher_hidden, teacher_weight, topk=None, backend=backend, return_outputs=True)
         assert out.is_weight is None and out.target_logprobs is None
         assert float(out.metrics["is_weight_mean"]) == 1.0
         assert float(out.metrics["is_clipped_fraction"]) == 0.0
@@ -526,9 +637,19 @@ def test_no_tensor_of_n_times_v_elements(topk, reduction, blend):
     def forward_backward(backend):
         recorder = _LargestTensor()
         with recorder:
-            out = sdpo_loss(hidden, weight, teacher_hidden, weight.detach(), target_ids=target_ids,
-                            old_logprobs=old_logprobs, topk=topk, reduction=reduction, backend=backend,
-                            chunk_size=chunk_size, return_outputs=True)
+            out = sdpo_loss(
+                hidden,
+                weight,
+                teacher_hidden,
+                weight.detach(),
+                target_ids=target_ids,
+                old_logprobs=old_logprobs,
+                topk=topk,
+                reduction=reduction,
+                backend=backend,
+                chunk_size=chunk_size,
+                return_outputs=True,
+            )
             objective = out.loss.sum() + (out.target_logprobs.sum() if blend else 0.0)
             forward_calls = recorder.calls
             objective.backward()

@@ -41,8 +41,14 @@ def _loss_and_grads(backend: str, tensors: dict, per_token: dict, dtype: torch.d
     leaves = {k: v.detach().to(dtype).requires_grad_(k.startswith("student")) for k, v in tensors.items()}
     per_token = {k: (v.to(dtype) if v.is_floating_point() and k != "mask" else v) for k, v in per_token.items()}
     loss = sdpo_loss(
-        leaves["student_hidden"], leaves["student_weight"], leaves["teacher_hidden"], leaves["teacher_weight"],
-        student_bias=leaves["student_bias"], backend=backend, **per_token, **options,
+        leaves["student_hidden"],
+        leaves["student_weight"],
+        leaves["teacher_hidden"],
+        leaves["teacher_weight"],
+        student_bias=leaves["student_bias"],
+        backend=backend,
+        **per_token,
+        **options,
     )
     generator = torch.Generator().manual_seed(99)
     upstream = torch.randn(loss.shape, generator=generator, dtype=torch.float64).to(loss.dtype)
@@ -63,8 +69,15 @@ def _loss_and_grads(backend: str, tensors: dict, per_token: dict, dtype: torch.d
 def test_low_precision_error_is_bounded_by_the_naive_paths(dtype, topk, add_tail, alpha, reduction):
     tensors, per_token = _inputs(seed=int(alpha * 10) + (topk or 0))
     rounded = {k: v.to(dtype).double() for k, v in tensors.items()}  # the exact inputs both paths see
-    options = {"topk": topk, "add_tail": add_tail, "alpha": alpha, "is_clip": 2.0, "temperature": 0.9,
-               "reduction": reduction, "chunk_size": 3}
+    options = {
+        "topk": topk,
+        "add_tail": add_tail,
+        "alpha": alpha,
+        "is_clip": 2.0,
+        "temperature": 0.9,
+        "reduction": reduction,
+        "chunk_size": 3,
+    }
     truth = _loss_and_grads("reference", rounded, per_token, torch.float64, **options)
     naive = _loss_and_grads("reference", tensors, per_token, dtype, **options)
     fused = _loss_and_grads("torch", tensors, per_token, dtype, **options)
@@ -90,8 +103,9 @@ REDUCTION_NORMALIZER = [(reduction, None) for reduction in REDUCTIONS] + [
 def test_all_zero_mask_gives_exact_zeros(backend, reduction, normalizer, topk):
     tensors, per_token = _inputs(seed=3)
     per_token["mask"] = torch.zeros_like(per_token["mask"])
-    loss, *grads = _loss_and_grads(backend, tensors, per_token, torch.float32, topk=topk, reduction=reduction,
-                                   normalizer=normalizer, chunk_size=4)
+    loss, *grads = _loss_and_grads(
+        backend, tensors, per_token, torch.float32, topk=topk, reduction=reduction, normalizer=normalizer, chunk_size=4
+    )
     assert bool((loss == 0).all()), loss
     for name, grad in zip(("student_hidden", "student_weight", "student_bias"), grads, strict=True):
         assert bool((grad == 0).all()), f"{name}: {grad}"
@@ -118,8 +132,14 @@ def test_logits_of_1e4_are_finite_and_match_the_reference(alpha, topk, add_tail)
         logits = tensors[f"{side}_hidden"] @ tensors[f"{side}_weight"].T
         tensors[f"{side}_weight"] = tensors[f"{side}_weight"] * (1e4 / logits.abs().max())
     tensors["student_bias"] = torch.zeros_like(tensors["student_bias"])
-    options = {"topk": topk, "add_tail": add_tail, "alpha": alpha, "is_clip": 2.0, "chunk_size": 4,
-               "reduction": "seq-mean-token-mean"}
+    options = {
+        "topk": topk,
+        "add_tail": add_tail,
+        "alpha": alpha,
+        "is_clip": 2.0,
+        "chunk_size": 4,
+        "reduction": "seq-mean-token-mean",
+    }
     fused = _loss_and_grads("torch", tensors, per_token, torch.float32, **options)
     expected = _loss_and_grads("reference", tensors, per_token, torch.float32, **options)
     for name, value, reference in zip(("loss", "hidden", "weight", "bias"), fused, expected, strict=True):
@@ -159,8 +179,14 @@ INF_CASES = [(None, True), (5, True), (5, False), (36, True), (40, True), (40, F
 @pytest.mark.parametrize(("topk", "add_tail"), INF_CASES)
 def test_minus_inf_logits_are_finite_and_exact(alpha, topk, add_tail):
     """The torch backend against the fp64 reference with -inf replaced by -1e4: exp underflows to exactly 0."""
-    options = {"topk": topk, "add_tail": add_tail, "alpha": alpha, "is_clip": 2.0, "chunk_size": 4,
-               "reduction": "token-mean"}
+    options = {
+        "topk": topk,
+        "add_tail": add_tail,
+        "alpha": alpha,
+        "is_clip": 2.0,
+        "chunk_size": 4,
+        "reduction": "token-mean",
+    }
     tensors, per_token = _with_infinite_bias(seed=6, fill=-math.inf)
     fused = _call_with_teacher_bias("torch", tensors, per_token, torch.float32, **options)
     surrogate, _ = _with_infinite_bias(seed=6, fill=-1e4)
@@ -176,8 +202,14 @@ def test_minus_inf_logits_are_finite_and_exact(alpha, topk, add_tail):
 @pytest.mark.parametrize(("topk", "add_tail"), INF_CASES)
 def test_minus_inf_logits_reference_is_finite_and_matches(alpha, topk, add_tail):
     """SPEC 3 promises finite results for -inf logits from every backend, the reference included."""
-    options = {"topk": topk, "add_tail": add_tail, "alpha": alpha, "is_clip": 2.0, "chunk_size": 4,
-               "reduction": "token-mean"}
+    options = {
+        "topk": topk,
+        "add_tail": add_tail,
+        "alpha": alpha,
+        "is_clip": 2.0,
+        "chunk_size": 4,
+        "reduction": "token-mean",
+    }
     tensors, per_token = _with_infinite_bias(seed=6, fill=-math.inf)
     fused = _call_with_teacher_bias("torch", tensors, per_token, torch.float32, **options)
     expected = _call_with_teacher_bias("reference", tensors, per_token, torch.float32, **options)
@@ -206,8 +238,7 @@ def test_minus_inf_logits_reference_is_finite_and_matches(alpha, topk, add_tail)
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 def test_odd_shapes_match_the_reference(shape, vocab, topk, add_tail, alpha):
     tensors, per_token = _inputs(seed=7, shape=shape, vocab=vocab)
-    options = {"topk": topk, "add_tail": add_tail, "alpha": alpha, "is_clip": 1.5, "chunk_size": 2,
-               "reduction": "none"}
+    options = {"topk": topk, "add_tail": add_tail, "alpha": alpha, "is_clip": 1.5, "chunk_size": 2, "reduction": "none"}
     fused = _loss_and_grads("torch", tensors, per_token, torch.float32, **options)
     expected = _loss_and_grads("reference", tensors, per_token, torch.float32, **options)
     for name, value, reference in zip(("loss", "hidden", "weight", "bias"), fused, expected, strict=True):

@@ -136,8 +136,17 @@ def test_reference_matches_trl(data):
     expected = expected * mask
 
     result = sdpo_loss_reference_from_logits(
-        student, teacher, mask=mask, target_ids=target_ids, old_logprobs=old_logprobs if use_is else None,
-        topk=topk, add_tail=add_tail, alpha=alpha, is_clip=is_clip, temperature=temperature, reduction="none",
+        student,
+        teacher,
+        mask=mask,
+        target_ids=target_ids,
+        old_logprobs=old_logprobs if use_is else None,
+        topk=topk,
+        add_tail=add_tail,
+        alpha=alpha,
+        is_clip=is_clip,
+        temperature=temperature,
+        reduction="none",
     )
     torch.testing.assert_close(result["loss"], expected, **F64)
     torch.testing.assert_close(result["target_logprobs"], target_logprobs, **F64)
@@ -194,9 +203,15 @@ def test_reference_is_zero_when_teacher_equals_student(data):
     target_ids = torch.randint(vocab, (num_tokens,), generator=generator)
 
     loss = sdpo_loss_reference_from_logits(
-        logits, logits.clone(), target_ids=target_ids,
-        old_logprobs=torch.full((num_tokens,), -1.0, dtype=torch.float64), topk=topk, add_tail=add_tail,
-        alpha=alpha, temperature=1.3, reduction=reduction,
+        logits,
+        logits.clone(),
+        target_ids=target_ids,
+        old_logprobs=torch.full((num_tokens,), -1.0, dtype=torch.float64),
+        topk=topk,
+        add_tail=add_tail,
+        alpha=alpha,
+        temperature=1.3,
+        reduction=reduction,
     )["loss"]
     torch.testing.assert_close(loss, torch.zeros_like(loss), rtol=0.0, atol=FP64_ZERO_ATOL)
 
@@ -276,8 +291,10 @@ def test_reference_token_mean_ignores_fully_masked_sequences():
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
     loss = sdpo_loss_reference_from_logits(student, teacher, mask=mask, topk=4)["loss"]
     padded_loss = sdpo_loss_reference_from_logits(
-        torch.cat([student, extra_student]), torch.cat([teacher, extra_teacher]),
-        mask=torch.cat([mask, torch.zeros(1, 3, dtype=torch.float64)]), topk=4,
+        torch.cat([student, extra_student]),
+        torch.cat([teacher, extra_teacher]),
+        mask=torch.cat([mask, torch.zeros(1, 3, dtype=torch.float64)]),
+        topk=4,
     )["loss"]
     torch.testing.assert_close(padded_loss, loss, **F64)
 
@@ -301,12 +318,24 @@ def test_reference_reductions_match_hand_formulas(data):
     target_ids = torch.randint(vocab, (batch, length), generator=generator)
     old_logprobs = -torch.rand(batch, length, generator=generator, dtype=torch.float64) * 4
     token_weights = torch.rand(batch, length, generator=generator, dtype=torch.float64) if use_token_weights else None
-    options = {"topk": min(3, vocab), "alpha": 0.3, "is_clip": 1.5, "temperature": 1.0, "target_ids": target_ids,
-               "old_logprobs": old_logprobs, "token_weights": token_weights, "mask": mask}
+    options = {
+        "topk": min(3, vocab),
+        "alpha": 0.3,
+        "is_clip": 1.5,
+        "temperature": 1.0,
+        "target_ids": target_ids,
+        "old_logprobs": old_logprobs,
+        "token_weights": token_weights,
+        "mask": mask,
+    }
 
     # The per-token loss built by hand: D * w * token_weight, masked.
     divergence = _hand_divergence(
-        student.reshape(-1, vocab), teacher.reshape(-1, vocab), topk=min(3, vocab), add_tail=True, alpha=0.3,
+        student.reshape(-1, vocab),
+        teacher.reshape(-1, vocab),
+        topk=min(3, vocab),
+        add_tail=True,
+        alpha=0.3,
         temperature=1.0,
     ).reshape(batch, length)
     ratio = torch.exp(_hand_target_logprobs(student, target_ids, 1.0) - old_logprobs)
@@ -334,9 +363,9 @@ def test_reference_two_dimensional_input_is_one_sequence():
     student, teacher = _random_logits(generator, (5, 6)), _random_logits(generator, (5, 6))
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
     token_mean = sdpo_loss_reference_from_logits(student, teacher, mask=mask, topk=2, reduction="token-mean")["loss"]
-    seq_mean = sdpo_loss_reference_from_logits(
-        student, teacher, mask=mask, topk=2, reduction="seq-mean-token-mean"
-    )["loss"]
+    seq_mean = sdpo_loss_reference_from_logits(student, teacher, mask=mask, topk=2, reduction="seq-mean-token-mean")[
+        "loss"
+    ]
     seq_sum = sdpo_loss_reference_from_logits(student, teacher, mask=mask, topk=2, reduction="seq-mean-token-sum")
     total = sdpo_loss_reference_from_logits(student, teacher, mask=mask, topk=2, reduction="sum")["loss"]
     torch.testing.assert_close(seq_mean, token_mean, **F64)
@@ -372,8 +401,17 @@ def test_reference_gradcheck(topk, add_tail, alpha, reduction):
 
     def loss_and_target_logprobs(logits):
         result = sdpo_loss_reference_from_logits(
-            logits, teacher, mask=mask, target_ids=target_ids, old_logprobs=old_logprobs, topk=topk,
-            add_tail=add_tail, alpha=alpha, is_clip=1.5, temperature=0.8, reduction=reduction,
+            logits,
+            teacher,
+            mask=mask,
+            target_ids=target_ids,
+            old_logprobs=old_logprobs,
+            topk=topk,
+            add_tail=add_tail,
+            alpha=alpha,
+            is_clip=1.5,
+            temperature=0.8,
+            reduction=reduction,
         )
         return result["loss"], result["target_logprobs"]
 

@@ -180,19 +180,38 @@ def _assert_same_training(ours, theirs, initial):
 
 EQUIVALENCE_CASES = {
     # (a) the official SDPO setting: top-K with the tail bucket, generalised JSD.
-    "topk_logits_tail": ("untied", {"distillation_mode": "topk_logits", "distillation_topk": 5,
-                                    "distillation_add_tail": True, "distillation_alpha": 0.5}),
+    "topk_logits_tail": (
+        "untied",
+        {
+            "distillation_mode": "topk_logits",
+            "distillation_topk": 5,
+            "distillation_add_tail": True,
+            "distillation_alpha": 0.5,
+        },
+    ),
     # (b) the whole vocabulary, forward KL, tied embeddings (the head weight is also the embedding).
     "full_logits_tied": ("tied", {"distillation_mode": "full_logits", "distillation_alpha": 0.0}),
     # (c) half policy loss (from the fused call's target log-probs), two iterations per generation so that
     # old_per_token_logps exist and the clipped IS weight is active; top-K renormalised, reverse KL.
-    "blend_is_topk": ("untied", {"distillation_mode": "topk_logits", "distillation_topk": 7,
-                                 "distillation_add_tail": False, "distillation_alpha": 1.0,
-                                 "distillation_weight": 0.5, "num_iterations": 2, "max_steps": 3,
-                                 "distillation_is_clip": 1.05, "loss_type": "grpo"}),
+    "blend_is_topk": (
+        "untied",
+        {
+            "distillation_mode": "topk_logits",
+            "distillation_topk": 7,
+            "distillation_add_tail": False,
+            "distillation_alpha": 1.0,
+            "distillation_weight": 0.5,
+            "num_iterations": 2,
+            "max_steps": 3,
+            "distillation_is_clip": 1.05,
+            "loss_type": "grpo",
+        },
+    ),
     # TRL's default mode: token-level reverse KL from the target log-probs, with IS.
-    "sampled_token_is": ("untied", {"distillation_mode": "sampled_token", "distillation_alpha": 1.0,
-                                    "num_iterations": 2, "max_steps": 3}),
+    "sampled_token_is": (
+        "untied",
+        {"distillation_mode": "sampled_token", "distillation_alpha": 1.0, "num_iterations": 2, "max_steps": 3},
+    ),
     # Pure policy loss: the fused call's target log-probs alone (the student is its own detached teacher).
     "policy_only": ("untied", {"distillation_mode": "full_logits", "distillation_weight": 0.0, "loss_type": "dapo"}),
 }
@@ -227,12 +246,24 @@ def test_matches_trl_with_lora(model_dirs, tokenizer, tmp_path):
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     model_dir = model_dirs["untied"]
-    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, distillation_add_tail=True,
-                   distillation_alpha=0.5, learning_rate=2.0)
+    args = _config(
+        tmp_path,
+        distillation_mode="topk_logits",
+        distillation_topk=5,
+        distillation_add_tail=True,
+        distillation_alpha=0.5,
+        learning_rate=2.0,
+    )
 
     def train(trainer_class):
-        trainer = trainer_class(model=model_dir, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(),
-                                processing_class=tokenizer, peft_config=lora)
+        trainer = trainer_class(
+            model=model_dir,
+            reward_funcs=ScheduledReward(),
+            args=args,
+            train_dataset=_dataset(),
+            processing_class=tokenizer,
+            peft_config=lora,
+        )
 
         def lora_weights():
             return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_" in name}
@@ -259,8 +290,15 @@ def test_bf16_autocast_follows_trl(model_dirs, tokenizer, tmp_path):
     differ by bf16 rounding; the same training in fp32 differs from TRL's bf16 run by ~4e-3 relative here,
     beyond the bound, so an adapter ignoring autocast would fail.
     """
-    args = _config(tmp_path, bf16=True, max_steps=1, distillation_mode="topk_logits", distillation_topk=5,
-                   distillation_add_tail=True, distillation_alpha=0.5)
+    args = _config(
+        tmp_path,
+        bf16=True,
+        max_steps=1,
+        distillation_mode="topk_logits",
+        distillation_topk=5,
+        distillation_add_tail=True,
+        distillation_alpha=0.5,
+    )
     model_dir = model_dirs["untied"]
     theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
     ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
@@ -271,8 +309,15 @@ def test_bf16_autocast_follows_trl(model_dirs, tokenizer, tmp_path):
 def test_reward_feedback_equals_dataset_column(model_dirs, tokenizer, tmp_path):
     """Feedback a reward function returns for every completion == the same text as TRL's dataset column."""
     hint = "Hint: answer in one word."
-    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, distillation_add_tail=True,
-                   distillation_alpha=0.5, include_environment_feedback=True, max_steps=2)
+    args = _config(
+        tmp_path,
+        distillation_mode="topk_logits",
+        distillation_topk=5,
+        distillation_add_tail=True,
+        distillation_alpha=0.5,
+        include_environment_feedback=True,
+        max_steps=2,
+    )
 
     class ScheduledRewardWithFeedback(ScheduledReward):
         def __call__(self, completion_ids, **kwargs):
@@ -283,10 +328,17 @@ def test_reward_feedback_equals_dataset_column(model_dirs, tokenizer, tmp_path):
     ScheduledRewardWithFeedback.__name__ = ScheduledReward.__name__
     model_dir = model_dirs["untied"]
     recorder = _RecordTeacherContext(tokenizer)
-    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(),
-                    _dataset(privileged_context=[hint] * len(PROMPTS)))
-    ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledRewardWithFeedback(), _dataset(),
-                  callbacks=[recorder])
+    theirs = _train(
+        TRLSDPOTrainer,
+        model_dir,
+        tokenizer,
+        args,
+        ScheduledReward(),
+        _dataset(privileged_context=[hint] * len(PROMPTS)),
+    )
+    ours = _train(
+        SDPOTrainer, model_dir, tokenizer, args, ScheduledRewardWithFeedback(), _dataset(), callbacks=[recorder]
+    )
     _assert_same_training(ours, theirs, _initial_weights(model_dir))
     assert all(entry["self_distillation/feedback_used_fraction"] == 1.0 for entry in ours[0][:-1])
     teacher_prompts = recorder.teacher_prompts
@@ -308,8 +360,14 @@ def test_reward_feedback_reaches_its_own_teacher_prompt(model_dirs, tokenizer, t
         return items
 
     recorder = _RecordTeacherContext(tokenizer)
-    args = _config(tmp_path, distillation_mode="sampled_token", distillation_alpha=1.0, max_steps=2,
-                   include_environment_feedback=True, environment_feedback_only_without_solution=False)
+    args = _config(
+        tmp_path,
+        distillation_mode="sampled_token",
+        distillation_alpha=1.0,
+        max_steps=2,
+        include_environment_feedback=True,
+        environment_feedback_only_without_solution=False,
+    )
     _train(SDPOTrainer, model_dirs["untied"], tokenizer, args, graded, _dataset(), callbacks=[recorder])
 
     feedback = [text for batch in given for text in batch]
@@ -330,13 +388,28 @@ def _tiny_model_with_logit_transform(kind: str, vocab_size: int):
     if kind == "gemma2_softcapping":
         from transformers import Gemma2Config, Gemma2ForCausalLM
 
-        config = Gemma2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=30.0)
+        config = Gemma2Config(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            final_logit_softcapping=30.0,
+        )
         return Gemma2ForCausalLM(config)
     from transformers import CohereConfig, CohereForCausalLM
 
-    config = CohereConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, logit_scale=0.0625)
+    config = CohereConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        logit_scale=0.0625,
+    )
     return CohereForCausalLM(config)
 
 
@@ -348,8 +421,9 @@ def test_refuses_models_with_logit_transforms(kind, attribute, tokenizer, tmp_pa
     model = _tiny_model_with_logit_transform(kind, len(tokenizer))
     args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live")
     with pytest.raises(ValueError, match=attribute):
-        SDPOTrainer(model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(),
-                    processing_class=tokenizer)
+        SDPOTrainer(
+            model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(), processing_class=tokenizer
+        )
 
 
 def test_refuses_undeclared_logit_transform(tokenizer, tmp_path):
@@ -359,10 +433,12 @@ def test_refuses_undeclared_logit_transform(tokenizer, tmp_path):
         config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     linear_forward = model.lm_head.forward
     model.lm_head.forward = lambda hidden: 2.0 * linear_forward(hidden)
-    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live",
-                   max_steps=1)
-    trainer = SDPOTrainer(model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(),
-                          processing_class=tokenizer)
+    args = _config(
+        tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live", max_steps=1
+    )
+    trainer = SDPOTrainer(
+        model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(), processing_class=tokenizer
+    )
     with pytest.raises(ValueError, match="lm_head.weight"):
         trainer.train()
 
@@ -370,5 +446,10 @@ def test_refuses_undeclared_logit_transform(tokenizer, tmp_path):
 def test_topk_mode_without_topk_is_refused(model_dirs, tokenizer, tmp_path):
     args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=None, teacher_model_kind="live")
     with pytest.raises(ValueError, match="distillation_topk"):
-        SDPOTrainer(model=model_dirs["untied"], reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(),
-                    processing_class=tokenizer)
+        SDPOTrainer(
+            model=model_dirs["untied"],
+            reward_funcs=ScheduledReward(),
+            args=args,
+            train_dataset=_dataset(),
+            processing_class=tokenizer,
+        )

@@ -28,8 +28,13 @@ from adapters_tiny import make_model, make_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "trl_adapter_train.py"
 # Same reasoning as tests/test_trl_adapter.py: fp32 reduction-order noise only.
-COMPARED_LOG_KEYS = ("loss", "grad_norm", "self_distillation/is_weight_mean", "self_distillation/topk_mass_mean",
-                     "self_distillation/feedback_used_fraction")
+COMPARED_LOG_KEYS = (
+    "loss",
+    "grad_norm",
+    "self_distillation/is_weight_mean",
+    "self_distillation/topk_mass_mean",
+    "self_distillation/feedback_used_fraction",
+)
 
 
 def _free_port() -> int:
@@ -61,9 +66,22 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     # `accelerate launch --cpu` takes accelerate's simple launcher, which starts a single process unless
     # mpirun is installed; the torch-elastic launcher (`--multi_gpu`) starts two, and the script's
     # `use_cpu=True` makes accelerate run them as MULTI_CPU on gloo.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
     _run([*launch, *script_args, "--out", str(tmp_path / "two")], tmp_path / "two")
 
     one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=False)
@@ -72,8 +90,9 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
     train_logs = [entry for entry in one["logs"] if "loss" in entry]
     assert len(train_logs) == 2
-    for step, (expected, actual) in enumerate(zip(train_logs, [e for e in ranks[0]["logs"] if "loss" in e],
-                                                  strict=True)):
+    for step, (expected, actual) in enumerate(
+        zip(train_logs, [e for e in ranks[0]["logs"] if "loss" in e], strict=True)
+    ):
         for key in COMPARED_LOG_KEYS:
             if key in expected:
                 torch.testing.assert_close(

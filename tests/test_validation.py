@@ -121,8 +121,14 @@ def test_bad_input_raises_naming_the_argument(name, backend):
 def test_unknown_backend(changes, argument):
     inputs = good_inputs()
     with pytest.raises(BAD, match=argument):
-        sdpo_loss(inputs.pop("student_hidden"), inputs.pop("student_weight"), inputs.pop("teacher_hidden"),
-                  inputs.pop("teacher_weight"), **inputs, **changes)
+        sdpo_loss(
+            inputs.pop("student_hidden"),
+            inputs.pop("student_weight"),
+            inputs.pop("teacher_hidden"),
+            inputs.pop("teacher_weight"),
+            **inputs,
+            **changes,
+        )
 
 
 def test_types_of_the_main_errors():
@@ -133,8 +139,15 @@ def test_types_of_the_main_errors():
         call(target_ids=torch.zeros(N))
     with pytest.raises(TypeError, match="topk"):
         call(topk=2.5)
-    for changes in ({"topk": V + 1}, {"alpha": 2.0}, {"is_clip": 0.0}, {"temperature": 0.0}, {"reduction": "x"},
-                    {"target_ids": torch.full((N,), V)}, {"target_ids": "drop"}):
+    for changes in (
+        {"topk": V + 1},
+        {"alpha": 2.0},
+        {"is_clip": 0.0},
+        {"temperature": 0.0},
+        {"reduction": "x"},
+        {"target_ids": torch.full((N,), V)},
+        {"target_ids": "drop"},
+    ):
         with pytest.raises(ValueError):
             call(**changes)
 
@@ -147,23 +160,32 @@ def test_three_dimensional_masks_must_match():
     with pytest.raises(BAD, match="teacher_hidden"):
         sdpo_loss(hidden, weight, torch.randn(3, 2, HT), teacher_weight, topk=3, backend="torch")
     # The valid [B, T] mask is accepted.
-    assert torch.isfinite(sdpo_loss(hidden, weight, teacher, teacher_weight, mask=torch.ones(2, 3), topk=3,
-                                     backend="torch"))
+    assert torch.isfinite(
+        sdpo_loss(hidden, weight, teacher, teacher_weight, mask=torch.ones(2, 3), topk=3, backend="torch")
+    )
 
 
 def test_validation_runs_before_any_work():
     """A bad option is refused even when the tensors would make the computation itself fail."""
     with pytest.raises(BAD, match="alpha"):
-        sdpo_loss(torch.randn(N, H, device="meta"), torch.randn(V, H, device="meta"),
-                  torch.randn(N, HT, device="meta"), torch.randn(V, HT, device="meta"), topk=3, alpha=3.0,
-                  backend="torch")
+        sdpo_loss(
+            torch.randn(N, H, device="meta"),
+            torch.randn(V, H, device="meta"),
+            torch.randn(N, HT, device="meta"),
+            torch.randn(V, HT, device="meta"),
+            topk=3,
+            alpha=3.0,
+            backend="torch",
+        )
 
 
 FROM_LOGITS_BAD = {
     "shape mismatch": ({"teacher_logits": torch.randn(N, V + 1)}, "teacher_logits"),
     "1-D logits": ({"student_logits": torch.randn(V), "teacher_logits": torch.randn(V)}, "student_logits"),
-    "integer logits": ({"student_logits": torch.ones(N, V, dtype=torch.long),
-                        "teacher_logits": torch.ones(N, V, dtype=torch.long)}, "student_logits"),
+    "integer logits": (
+        {"student_logits": torch.ones(N, V, dtype=torch.long), "teacher_logits": torch.ones(N, V, dtype=torch.long)},
+        "student_logits",
+    ),
     "teacher on meta": ({"teacher_logits": torch.randn(N, V, device="meta")}, "teacher_logits"),
     "topk > V": ({"topk": V + 1}, "topk"),
     "alpha": ({"alpha": -1.0}, "alpha"),
@@ -180,8 +202,14 @@ FROM_LOGITS_BAD = {
 @pytest.mark.parametrize("name", list(FROM_LOGITS_BAD))
 def test_from_logits_bad_input(name):
     changes, argument = FROM_LOGITS_BAD[name]
-    kwargs = {"student_logits": torch.randn(N, V), "teacher_logits": torch.randn(N, V), "topk": 3,
-              "target_ids": torch.randint(V, (N,)), "old_logprobs": torch.full((N,), -1.0), **changes}
+    kwargs = {
+        "student_logits": torch.randn(N, V),
+        "teacher_logits": torch.randn(N, V),
+        "topk": 3,
+        "target_ids": torch.randint(V, (N,)),
+        "old_logprobs": torch.full((N,), -1.0),
+        **changes,
+    }
     with pytest.raises(BAD, match=argument):
         sdpo_loss_from_logits(kwargs.pop("student_logits"), kwargs.pop("teacher_logits"), **kwargs)
 
@@ -195,5 +223,6 @@ def test_module_rejects_unknown_options():
     criterion = SDPOLoss(topk=V + 1)
     inputs = good_inputs()
     with pytest.raises(BAD, match="topk"):
-        criterion(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
-                  inputs["teacher_weight"])
+        criterion(
+            inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"]
+        )
