@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 
-.PHONY: help venv install-test install-demo install-bench test test-fast demo bench lint clean
+.PHONY: help venv install-test install-demo install-bench test test-fast demo bench gpu-check lint clean
 
 help:
 	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO on CPU (the main job)"
 	@echo "make test   - set up .venv and run the whole test suite"
 	@echo "make bench  - run the benchmark suite and write bench/results/<machine>/"
+	@echo "make gpu-check PY=python3 - on a CUDA machine: GPU tests, acceptance targets, GPU bench profile"
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +51,13 @@ demo: $(VENV)/.demo
 
 bench: $(VENV)/.bench
 	$(PY) -m pytest bench --benchmark-only $(BENCH_ARGS)
+
+# Everything only a GPU can show, in one command (an environment with torch, triton, trl already set up:
+# pass its interpreter as PY). Results land in bench/results/<gpu-name>/.
+gpu-check:
+	$(PY) -m pytest tests -m "gpu" -q -rs
+	$(PY) -m bench.gpu_targets
+	$(PY) -m pytest bench --benchmark-only --bench-profile gpu
 
 lint: $(VENV)/.test
 	$(PY) -m ruff check sdpo_ops tests bench examples
