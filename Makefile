@@ -57,6 +57,7 @@ bench: $(VENV)/.bench
 gpu-check:
 	$(PY) -m pytest tests -m "gpu" -q -rs
 	$(PY) -m bench.gpu_targets
+	$(PY) -m bench.stages
 	$(PY) -m pytest bench --benchmark-only --bench-profile gpu
 
 lint: $(VENV)/.test

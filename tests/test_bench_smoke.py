@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -221,3 +222,41 @@ def test_smoke_profile_runs_end_to_end(tmp_path):
     assert f"torch {torch.__version__}" in results_md and "Commit:" in results_md
     assert "| sdpo_torch |" in results_md.replace("  ", " ")
     assert (tmp_path / "scaling_n.png").stat().st_size > 0
+
+
+def test_stage_timer_times_every_row_stage_of_each_namespace(tmp_path):
+    from bench import stages
+
+    assert (
+        stages.main(
+            [
+                "--device",
+                "cpu",
+                "--rows",
+                "4",
+                "--hidden",
+                "8",
+                "--vocab",
+                "64",
+                "--topk",
+                "5",
+                "--namespaces",
+                "torch",
+                "--iters",
+                "2",
+                "--warmup",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    written = json.loads((tmp_path / "stages.json").read_text())
+    stage_names = [row["stage"] for row in written["rows"]]
+    assert stage_names[0].startswith("chunk GEMM") and len(stage_names) == 5
+    assert {"student_row_stats", "teacher_row_stats", "full_vocab_divergence", "logit_grad_"} == {
+        name.split(" ")[0] for name in stage_names[1:]
+    }
+    assert all(row["ms"] > 0 and math.isfinite(row["ms"]) for row in written["rows"])
+    assert "| logit_grad_ (top-K, in place) | torch |" in (tmp_path / "stages.md").read_text()
