@@ -30,11 +30,19 @@ _CUDA_CONFIG = (2048, 8)
 _INTERPRET_CONFIG = (64, 1)
 
 
-def alpha_mode(alpha: float) -> int:
-    """The constexpr branch of ``_gjsd_terms``: 0 forward KL, 1 reverse KL, 2 the general mixture."""
+def gjsd_launch_args(alpha: float) -> dict:
+    """The ``_gjsd_terms`` arguments of a launch: ``ALPHA_MODE`` (the constexpr branch: 0 forward KL,
+    1 reverse KL, 2 the general mixture) and the mixture's log-weights (placeholders at the endpoints,
+    where a log would be -inf)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return 0 if alpha == 0.0 else 1 if alpha == 1.0 else 2
+    mode = 0 if alpha == 0.0 else 1 if alpha == 1.0 else 2
+    return {
+        "alpha": float(alpha),
+        "log_one_minus_alpha": math.log(1.0 - alpha) if mode == 2 else 0.0,
+        "log_alpha": math.log(alpha) if mode == 2 else 0.0,
+        "ALPHA_MODE": mode,
+    }
 
 
 @triton.jit
@@ -125,7 +133,7 @@ def full_vocab_divergence(
     Returns:
         ``(divergence [C], grad_sum [C])`` fp32, with ``grad_sum = sum_j dD/ds_j``.
     """
-    mode = alpha_mode(alpha)
+    gjsd_args = gjsd_launch_args(alpha)
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if logits.dim() != 2 or not logits.is_floating_point():
             raise ValueError(f"{name} must be a floating [C, V] tensor, got {tuple(logits.shape)} {logits.dtype}")
@@ -160,15 +168,11 @@ def full_vocab_divergence(
         divergence_ptr=divergence,
         grad_sum_ptr=grad_sum,
         V=V,
-        alpha=float(alpha),
-        # the general branch only; placeholders at the endpoints where a log would be -inf
-        log_one_minus_alpha=math.log(1.0 - alpha) if mode == 2 else 0.0,
-        log_alpha=math.log(alpha) if mode == 2 else 0.0,
         stride_student_c=student_logits.stride(0),
         stride_student_v=student_logits.stride(1),
         stride_teacher_c=teacher_logits.stride(0),
         stride_teacher_v=teacher_logits.stride(1),
-        ALPHA_MODE=mode,
+        **gjsd_args,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )

@@ -17,14 +17,12 @@ not promise, or a per-tile search over J. One extra tiny launch, no [C, V] traff
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, alpha_mode
+from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, gjsd_launch_args
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 8)
@@ -125,11 +123,12 @@ def logit_grad_(
         for name, x in (("teacher lse", teacher_lse), ("row_scale", row_scale)):
             if x.shape != (C,):
                 raise ValueError(f"{name} must be [C] = [{C}], got {tuple(x.shape)}")
-        mode = alpha_mode(alpha)
+        gjsd_args = gjsd_launch_args(alpha)
         tensors += [teacher_logits, teacher_lse, row_scale]
     else:
         # placeholders: HAS_TEACHER=False compiles every teacher read away
-        teacher_logits, teacher_lse, row_scale, alpha, mode = student_logits, student_lse, student_lse, 0.0, 0
+        teacher_logits, teacher_lse, row_scale = student_logits, student_lse, student_lse
+        gjsd_args = gjsd_launch_args(0.0)
     if any(x.device != student_logits.device for x in tensors):
         raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in tensors]}")
 
@@ -150,15 +149,12 @@ def logit_grad_(
         row_scale_ptr=row_scale,
         V=V,
         scale=float(scale),
-        alpha=float(alpha),
-        log_one_minus_alpha=math.log(1.0 - alpha) if mode == 2 else 0.0,
-        log_alpha=math.log(alpha) if mode == 2 else 0.0,
         stride_student_c=student_logits.stride(0),
         stride_student_v=student_logits.stride(1),
         stride_teacher_c=teacher_logits.stride(0),
         stride_teacher_v=teacher_logits.stride(1),
         HAS_TEACHER=teacher is not None,
-        ALPHA_MODE=mode,
+        **gjsd_args,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )
