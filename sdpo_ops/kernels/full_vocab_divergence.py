@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sdpo_ops.kernels.launch import launch
+
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 8)
 _INTERPRET_CONFIG = (64, 1)
@@ -160,7 +162,10 @@ def full_vocab_divergence(
     if C == 0:
         return divergence, grad_sum
 
-    _full_vocab_divergence_kernel[(C,)](
+    launch(
+        _full_vocab_divergence_kernel,
+        (C,),
+        hbm_bytes=C * V * (student_logits.element_size() + teacher_logits.element_size()) + C * 16,
         student_logits_ptr=student_logits,
         teacher_logits_ptr=teacher_logits,
         student_lse_ptr=student_lse,

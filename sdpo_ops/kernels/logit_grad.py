@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, gjsd_launch_args
+from sdpo_ops.kernels.launch import launch
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 8)
@@ -140,7 +141,10 @@ def logit_grad_(
     if C == 0:
         return student_logits
 
-    _logit_grad_kernel[(C,)](
+    launch(
+        _logit_grad_kernel,
+        (C,),
+        hbm_bytes=C * V * 2 * student_logits.element_size() * (2 if teacher is not None else 1),
         student_logits_ptr=student_logits,
         student_lse_ptr=student_lse,
         dense_coef_ptr=dense_coef,

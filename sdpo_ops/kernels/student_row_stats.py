@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sdpo_ops.kernels.launch import launch
+
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
 _PACKED_MIN = tl.constexpr(-(2**63))
 # (BLOCK_V, sub-blocks per tile, num_warps) per device type: on CUDA SUB = 2048 / 16 = 128; the
@@ -238,7 +240,10 @@ def student_row_stats(
     if C == 0:
         return lse, topk_logits, topk_index, target_logit
 
-    _student_row_stats_kernel[(C,)](
+    launch(
+        _student_row_stats_kernel,
+        (C,),
+        hbm_bytes=C * (V + min(topk, num_blocks) * sub) * logits.element_size() + C * (topk * 12 + 12),
         logits_ptr=logits,
         target_ids_ptr=target_ids if target_ids is not None else lse,
         lse_ptr=lse,

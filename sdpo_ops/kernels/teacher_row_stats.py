@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sdpo_ops.kernels.launch import launch
+
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (4096, 8)
 _INTERPRET_CONFIG = (64, 1)
@@ -96,7 +98,10 @@ def teacher_row_stats(logits: Tensor, index: Tensor, *, block_v: int | None = No
     if C == 0:
         return lse, gathered
 
-    _teacher_row_stats_kernel[(C,)](
+    launch(
+        _teacher_row_stats_kernel,
+        (C,),
+        hbm_bytes=C * (V + J) * logits.element_size() + C * (J * 12 + 4),
         logits_ptr=logits,
         index_ptr=index,
         lse_ptr=lse,

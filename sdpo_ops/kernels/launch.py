@@ -1,0 +1,63 @@
+"""The one place a Triton kernel of sdpo_ops is launched: the device guard and a record per launch.
+
+``launch(kernel, grid, hbm_bytes=..., num_warps=..., **args)`` runs ``kernel[grid](**args)`` under
+``torch.cuda.device(<the tensors' device>)``: Triton launches on the *current* CUDA device, so without the
+guard tensors on ``cuda:1`` while device 0 is current would be read from the wrong device.
+
+Each launch is also described by a ``LaunchRecord`` (kernel, grid, arguments, the launcher's estimate of
+its HBM traffic) handed to every active ``record_launches()`` block. On ``meta`` tensors nothing runs: the
+launchers validate, allocate and record exactly as on a GPU, which is how the launch counter, the
+allocation tracker and the cost model (``bench.cost_model``) see a real-size call without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class LaunchRecord:
+    kernel: Any  # a triton JITFunction
+    grid: tuple[int, ...]
+    args: dict[str, Any]
+    num_warps: int
+    hbm_bytes: int  # the launcher's estimate of the bytes the kernel moves to and from HBM
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+
+_active_recorders: list[list[LaunchRecord]] = []
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[LaunchRecord]]:
+    """Collect the ``LaunchRecord`` of every Triton launch made inside the block."""
+    records: list[LaunchRecord] = []
+    _active_recorders.append(records)
+    try:
+        yield records
+    finally:
+        _active_recorders.remove(records)
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make ``device`` the current CUDA device for the duration (a no-op for other device types)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid: tuple[int, ...], *, hbm_bytes: int, num_warps: int, **args) -> None:
+    device = next(value.device for value in args.values() if isinstance(value, torch.Tensor))
+    record = LaunchRecord(kernel, tuple(grid), args, num_warps, int(hbm_bytes))
+    for records in _active_recorders:
+        records.append(record)
+    if device.type == "meta":
+        return
+    with device_guard(device):
+        kernel[grid](**args, num_warps=num_warps)
