@@ -24,6 +24,7 @@ import torch
 
 from bench import report
 from sdpo_ops import row_ops as torch_row_ops
+from sdpo_ops.row_outputs import RowOutputs
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
@@ -54,19 +55,30 @@ def _namespace(name: str):
 
 
 def _row_stages(ops, student, teacher, targets, args) -> dict[str, Callable[[], object]]:
-    """The four row stages of ``ops`` as zero-argument calls on the same chunk."""
-    lse, _, index, _ = ops.student_row_stats(student, args.topk, targets)
-    teacher_lse, _ = ops.teacher_row_stats(teacher, index)
-    coef = torch.rand(student.shape[0], device=student.device)
-    sparse = torch.rand(student.shape[0], args.topk, device=student.device)
-    scratch = student.clone()
+    """The row stages of ``ops`` as zero-argument calls on the same chunk (one chunk of the top-K path)."""
+    rows, device = student.shape[0], student.device
+    lse, s_topk, index, s_target = ops.student_row_stats(student, args.topk, targets)
+    teacher_lse, t_topk, t_target = ops.teacher_row_stats(teacher, index, targets)
+    outputs = RowOutputs.allocate(rows, args.topk, torch.float32, device)
+    outputs.student_lse.copy_(lse)
+    outputs.teacher_lse.copy_(teacher_lse)
+    old_logprobs, row_weight = torch.full((rows,), -2.0, device=device), torch.ones(rows, device=device)
+    row_loss_args = (outputs, s_topk, t_topk, s_target, t_target, old_logprobs, row_weight)
+    row_loss_options = {"add_tail": True, "alpha": args.alpha, "is_clip": 2.0}
+    ops.row_loss_(*row_loss_args, **row_loss_options)
+    gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    logit_grad_out = torch.empty(student.shape, dtype=gemm_dtype, device=device)
+    logit_grad_args = (student, lse, outputs.row_scale, outputs.dense_grad, index, outputs.sparse_grad, None, None)
     return {
         f"student_row_stats (lse + top-{args.topk} + target)": lambda: ops.student_row_stats(
             student, args.topk, targets
         ),
-        "teacher_row_stats (lse + gather)": lambda: ops.teacher_row_stats(teacher, index),
+        "teacher_row_stats (lse + gather + target)": lambda: ops.teacher_row_stats(teacher, index, targets),
+        "row_loss_ ([C, K+1] math)": lambda: ops.row_loss_(*row_loss_args, **row_loss_options),
         "full_vocab_divergence": lambda: ops.full_vocab_divergence(student, teacher, lse, teacher_lse, args.alpha),
-        "logit_grad_ (top-K, in place)": lambda: ops.logit_grad_(scratch.copy_(student), lse, coef, index, sparse, 1.0),
+        f"logit_grad (top-K, {str(gemm_dtype).removeprefix('torch.')} out)": lambda: ops.logit_grad(
+            *logit_grad_args, 1.0, out=logit_grad_out
+        ),
     }
 
 
@@ -103,7 +115,7 @@ def markdown(rows: list[dict], args, device_name: str) -> str:
         f"## {device_name}",
         "",
         f"C={args.rows} rows, H={args.hidden}, V={args.vocab}, K={args.topk}; median of {args.iters} calls. "
-        "`logit_grad_` includes the copy that restores its input buffer.",
+        "`logit_grad` writes the GEMM dtype (bf16 on CUDA) from the intact fp32 logits.",
         "",
         "| stage | implementation | time (ms) | vs GEMM |",
         "|---|---|---|---|",

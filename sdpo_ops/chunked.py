@@ -2,22 +2,27 @@
 
 Per chunk of C token rows (never a full ``[N, V]`` tensor):
 
-1. ``zs = (hs_c @ Ws^T + bs) / T`` into a reused fp32 ``[C, V]`` buffer; ``student_row_stats``: the
-   log-sum-exp, the top-K logits and columns, the target logit.
-2. ``zt = (ht_c @ Wt^T + bt) / T`` into a second buffer (no gradient); ``teacher_row_stats``: the
-   log-sum-exp and the logits at the student's top-K columns and the target column.
-3. ``[C, K+1]`` math (``sdpo_ops.divergence``): tail bins, GJSD, its gradient coefficients, IS weight.
-   Full-vocabulary mode instead runs ``full_vocab_divergence`` over both buffers.
-4. Gradient. When the only differentiable output is a scalar (every reduction but ``"none"``) the
-   gradient w.r.t. the logits is formed now, in place in the ``zs`` buffer (``logit_grad_``), and turned
-   into ``dH_c = dZ @ Ws`` and ``dW += dZ^T @ hs_c`` while the chunk is live: 4 GEMM-equivalents in all
-   (2 in topk mode's forward, 2 for the gradient), and backward only scales by the upstream scalar.
+1. ``zs = (hs_c @ Ws^T + bs) / T`` into a reused fp32 ``[C, V]`` buffer (one GEMM; bias and temperature in
+   its epilogue where the GEMM allows); ``student_row_stats``: log-sum-exp, top-K logits and columns, target.
+2. ``zt = (ht_c @ Wt^T + bt) / T`` into a second buffer (no gradient); ``teacher_row_stats``: log-sum-exp
+   and the logits at the student's top-K columns and at the target column.
+3. ``row_loss_``: the ``[C, K+1]`` math (tail bins, GJSD, its gradient coefficients, IS weight, row scale,
+   weighted loss) in one launch. Full-vocabulary mode runs ``full_vocab_divergence`` over both buffers first.
+4. Gradient. When the only differentiable output is a scalar (every reduction but ``"none"``) the gradient
+   w.r.t. the logits is formed now by ``logit_grad``, written in the GEMM dtype into a staging buffer that
+   holds the dZ of several chunks; when it is full, ``dH = dZ @ Ws`` and one ``dW += dZ^T @ hs`` over all its
+   rows (a pass over the fp32 ``[V, H]`` accumulator costs ~2 x 4 x V x H bytes whatever the row count, so
+   it must see >= ~1300 rows at H=4096 to stay compute-bound; one chunk of C ~ 280 rows would not).
+   4 GEMM-equivalents in all; backward only scales the gradients, in place, by the upstream scalar.
    Otherwise (a per-token upstream gradient) backward recomputes ``zs`` (and ``zt`` in full-vocabulary
    mode) and forms ``dZ`` then. The target log-prob output's gradient (a policy loss on the same call)
    always comes from such a recompute pass, run only when that output actually receives a gradient.
 
-``row_ops`` is ``sdpo_ops.row_ops`` (torch) or ``sdpo_ops.kernels.row_ops`` (Triton): the same host
-orchestration runs on CPU tests and on the GPU.
+Per chunk that is 6 launches at the defaults (2 GEMMs and 4 row kernels on the Triton path; +1 per chunk for
+a bias, +2 for a temperature != 1 in bf16), plus 2-3 per staging flush; ``tests/test_launch_budget.py``
+holds it to that. ``row_ops`` is ``sdpo_ops.row_ops`` (torch) or ``sdpo_ops.kernels.row_ops`` (Triton): the
+same host orchestration runs on CPU tests and on the GPU. On ``meta`` tensors the whole call runs as a dry
+run (shapes, allocations and launches only), which the cost model and the memory tests use.
 """
 
 from __future__ import annotations
@@ -29,11 +34,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sdpo_ops.divergence import topk_divergence
-from sdpo_ops.reference import importance_weight
+from sdpo_ops.row_outputs import RowOutputs
 
 # Bytes of one fp32 [C, V] logits buffer; two are live at once (student and teacher).
-CHUNK_BYTES = {"cuda": 256 * 2**20, "cpu": 32 * 2**20}
+CHUNK_BYTES = {"cuda": 160 * 2**20, "meta": 160 * 2**20, "cpu": 32 * 2**20}
+# Rows of dZ staged per dW accumulator pass (rounded up to whole chunks). On CUDA the fp32 [V, H] read+write
+# (~5 GB at V=151936, H=4096) costs ~1.5 ms whatever the row count, the GEMM 2*R*V*H FLOP: R >= ~1300 rows
+# keeps it compute-bound. On CPU there is no such cliff: one chunk per pass.
+DW_STAGE_ROWS = {"cuda": 1536, "meta": 1536, "cpu": 1}
 # torch >= 2.8 multiplies bf16/fp16 into an fp32 output on CUDA without rounding the product first.
 _HAS_MM_OUT_DTYPE = hasattr(torch, "mm") and tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)
 
@@ -47,6 +55,7 @@ class FusedOptions:
     temperature: float
     chunk_size: int
     grad_in_forward: bool
+    stage_rows: int = 0  # rows of dZ per dW pass; 0 = the device default
 
 
 def default_chunk_size(num_tokens: int, vocab: int, device: torch.device) -> int:
@@ -54,8 +63,16 @@ def default_chunk_size(num_tokens: int, vocab: int, device: torch.device) -> int
     return max(1, min(num_tokens, budget // (4 * vocab)))
 
 
+def stage_rows_for(options: FusedOptions, num_tokens: int, device: torch.device) -> int:
+    """Whole chunks of dZ per dW pass: at least the device's row target, at most the call's rows."""
+    target = options.stage_rows or DW_STAGE_ROWS.get(device.type, DW_STAGE_ROWS["cuda"])
+    chunk = options.chunk_size
+    return min(-(-target // chunk) * chunk, -(-num_tokens // chunk) * chunk)
+
+
 def _uses_fp32_output_mm(a: Tensor) -> bool:
-    return _HAS_MM_OUT_DTYPE and a.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16)
+    # meta stands for a GPU in dry runs (cost model, memory accounting)
+    return _HAS_MM_OUT_DTYPE and a.device.type in ("cuda", "meta") and a.dtype in (torch.float16, torch.bfloat16)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -67,27 +84,27 @@ def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | Non
     """``out[:C] = (hidden @ weight^T + bias) * inv_temperature`` in fp32, without a bf16 ``[C, V]`` copy."""
     out = out[: hidden.shape[0]]
     if hidden.dtype == out.dtype:
-        torch.mm(hidden, weight.t(), out=out)
-    elif _uses_fp32_output_mm(hidden):
+        # one GEMM with bias and temperature in its epilogue (beta = 0 ignores the old contents, NaN included)
+        source = out if bias is None else bias
+        beta = 0.0 if bias is None else inv_temperature
+        return torch.addmm(source, hidden, weight.t(), beta=beta, alpha=inv_temperature, out=out)
+    if _uses_fp32_output_mm(hidden):
         torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
     else:
         out.copy_(torch.mm(hidden, weight.t()))
     if bias is not None:
-        out.add_(bias.to(out.dtype))
+        out.add_(bias)
     if inv_temperature != 1.0:
         out.mul_(inv_temperature)
     return out
 
 
-def _accumulate_weight_grad(accumulator: Tensor, logit_grad: Tensor, gemm_grad: Tensor, hidden: Tensor) -> None:
-    """``accumulator += logit_grad^T @ hidden`` in fp32 (rounding each chunk's product to bf16 biases training).
-
-    ``gemm_grad`` is ``logit_grad`` already cast to the hidden states' dtype (bf16 tensor cores on CUDA).
-    """
-    if hidden.dtype == accumulator.dtype:
+def _accumulate_weight_grad(accumulator: Tensor, logit_grad: Tensor, hidden: Tensor) -> None:
+    """``accumulator += logit_grad^T @ hidden`` in fp32 (rounding each pass's product to bf16 biases training)."""
+    if logit_grad.dtype != accumulator.dtype:  # the GEMM dtype on CUDA: bf16 tensor cores, fp32 output
+        torch.addmm(accumulator, logit_grad.t(), hidden, out_dtype=torch.float32, out=accumulator)
+    elif hidden.dtype == accumulator.dtype:
         accumulator.addmm_(logit_grad.t(), hidden)
-    elif _uses_fp32_output_mm(hidden):
-        torch.addmm(accumulator, gemm_grad.t(), hidden, out_dtype=torch.float32, out=accumulator)
     else:
         accumulator.addmm_(logit_grad.t(), hidden.to(accumulator.dtype))
 
@@ -102,25 +119,60 @@ class _Gradients:
 
     @classmethod
     def allocate(cls, needs: tuple[bool, bool, bool], hidden: Tensor, weight: Tensor) -> _Gradients:
+        accumulate = accumulation_dtype(weight.dtype)
         return cls(
             torch.zeros_like(hidden) if needs[0] else None,
-            torch.zeros(weight.shape, dtype=accumulation_dtype(weight.dtype), device=weight.device)
-            if needs[1]
-            else None,
-            torch.zeros(weight.shape[0], dtype=accumulation_dtype(weight.dtype), device=weight.device)
-            if needs[2]
-            else None,
+            torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if needs[1] else None,
+            torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if needs[2] else None,
         )
 
-    def add_chunk(self, rows: slice, logit_grad: Tensor, hidden: Tensor, weight: Tensor) -> None:
-        # One cast of the chunk's gradient (a [C, V] copy) serves both GEMMs.
-        gemm_grad = logit_grad.to(weight.dtype)
-        if self.hidden is not None:
-            self.hidden[rows] = torch.mm(gemm_grad, weight)
-        if self.weight is not None:
-            _accumulate_weight_grad(self.weight, logit_grad, gemm_grad, hidden[rows])
-        if self.bias is not None:
-            self.bias.add_(logit_grad.sum(0))
+
+class _StagedGradients:
+    """dZ of consecutive chunks staged in the GEMM dtype, turned into dH rows, dW and db one pass at a time."""
+
+    def __init__(self, grads: _Gradients, hidden: Tensor, weight: Tensor, stage_rows: int):
+        self.grads, self.hidden, self.weight = grads, hidden, weight
+        gemm_dtype = weight.dtype if _uses_fp32_output_mm(hidden) else accumulation_dtype(weight.dtype)
+        self.buffer = torch.empty(stage_rows, weight.shape[0], dtype=gemm_dtype, device=weight.device)
+        self.first_row, self.filled = 0, 0
+
+    def slot(self, rows: slice) -> Tensor:
+        """The staging rows for the chunk ``rows`` (consecutive chunks only), flushing first when full."""
+        count = rows.stop - rows.start
+        if self.filled + count > self.buffer.shape[0]:
+            self.flush()
+        if self.filled == 0:
+            self.first_row = rows.start
+        slot = self.buffer[self.filled : self.filled + count]
+        self.filled += count
+        return slot
+
+    def flush(self) -> None:
+        if self.filled == 0:
+            return
+        logit_grad = self.buffer[: self.filled]
+        rows = slice(self.first_row, self.first_row + self.filled)
+        grads = self.grads
+        if grads.hidden is not None:
+            gemm_grad = logit_grad if logit_grad.dtype == self.weight.dtype else logit_grad.to(self.weight.dtype)
+            grads.hidden[rows].addmm_(gemm_grad, self.weight)
+        if grads.weight is not None:
+            _accumulate_weight_grad(grads.weight, logit_grad, self.hidden[rows])
+        if grads.bias is not None:
+            grads.bias.add_(logit_grad.sum(0, dtype=grads.bias.dtype))
+        self.filled = 0
+
+
+def _scaled(accumulator: Tensor | None, scale: Tensor | None, dtype: torch.dtype, in_place: bool) -> Tensor | None:
+    """``accumulator * scale`` in ``dtype``: in place when allowed and the dtype matches, else in one pass into
+    the result (a bf16 weight's gradient straight from the fp32 accumulator, no fp32 temporary)."""
+    if accumulator is None:
+        return None
+    if scale is None:
+        return accumulator if accumulator.dtype == dtype else accumulator.to(dtype)
+    if in_place and accumulator.dtype == dtype:
+        return accumulator.mul_(scale)
+    return torch.mul(accumulator, scale, out=torch.empty(accumulator.shape, dtype=dtype, device=accumulator.device))
 
 
 class _SavedForBackward(NamedTuple):
@@ -133,8 +185,7 @@ class _SavedForBackward(NamedTuple):
     teacher_weight: Tensor  # [V, Ht]
     teacher_bias: Tensor | None  # [V]
     target_ids: Tensor | None  # [N]
-    row_weight: Tensor  # [N]
-    is_weight: Tensor  # [N]
+    row_scale: Tensor  # [N]
     student_lse: Tensor  # [N]
     teacher_lse: Tensor  # [N]
     topk_index: Tensor  # [N, K]
@@ -174,72 +225,60 @@ class ChunkedSDPOFunction(torch.autograd.Function):
 
         chunk = options.chunk_size
         dtype = accumulation_dtype(student_hidden.dtype)
-        student_buffer = torch.empty(min(chunk, num_tokens), vocab, dtype=dtype, device=device)
+        buffer_rows = min(chunk, num_tokens)
+        student_buffer = torch.empty(buffer_rows, vocab, dtype=dtype, device=device)
         teacher_buffer = torch.empty_like(student_buffer)
-        per_token_loss = torch.empty(num_tokens, dtype=dtype, device=device)
-        per_token_divergence = torch.empty_like(per_token_loss)
-        target_logprobs = torch.zeros(num_tokens, dtype=dtype, device=device)
-        teacher_target_logprobs = torch.zeros_like(target_logprobs)
-        is_weight = torch.ones_like(target_logprobs)
-        topk_mass = torch.ones_like(target_logprobs)
-        student_lse = torch.empty_like(target_logprobs)
-        # What a recompute pass needs per row: the gradient coefficients before the row scale.
-        topk_index = torch.empty(num_tokens, topk, dtype=torch.int64, device=device)
-        sparse_grad = torch.empty(num_tokens, topk, dtype=dtype, device=device)
-        dense_grad = torch.empty_like(target_logprobs)
-        teacher_lse = torch.empty_like(target_logprobs)
-        grads = _Gradients.allocate(needs_grad, student_hidden, student_weight) if form_grad_now else None
+        # per-chunk scratch of the statistics the row loss consumes (the [N]-sized results go to `outputs`)
+        student_topk, teacher_topk = (torch.empty(buffer_rows, topk, dtype=dtype, device=device) for _ in range(2))
+        student_target, teacher_target = (torch.empty(buffer_rows, dtype=dtype, device=device) for _ in range(2))
+        outputs = RowOutputs.allocate(num_tokens, topk, dtype, device)
+        grads, staged = None, None
+        if form_grad_now:
+            grads = _Gradients.allocate(needs_grad, student_hidden, student_weight)
+            staged = _StagedGradients(
+                grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device)
+            )
 
         for start in range(0, num_tokens, chunk):
             rows = slice(start, min(start + chunk, num_tokens))
+            count = rows.stop - rows.start
+            chunk_out = outputs.rows(rows)
             targets = None if target_ids is None else target_ids[rows]
             zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, inv_temperature)
-            s_lse, s_topk_logits, s_topk_index, s_target_logit = row_ops.student_row_stats(zs, topk, targets)
+            s_topk, s_target = student_topk[:count], student_target[:count]
+            row_ops.student_row_stats(
+                zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target)
+            )
             zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, inv_temperature)
-            gather_index = s_topk_index if targets is None else torch.cat([s_topk_index, targets[:, None]], 1)
-            t_lse, t_gathered = row_ops.teacher_row_stats(zt, gather_index)
-
+            t_topk, t_target = teacher_topk[:count], teacher_target[:count]
+            row_ops.teacher_row_stats(zt, chunk_out.topk_index, targets, out=(chunk_out.teacher_lse, t_topk, t_target))
             if options.topk is None:
-                divergence, grad_sum = row_ops.full_vocab_divergence(zs, zt, s_lse, t_lse, options.alpha)
-                dense_grad[rows] = grad_sum
-            else:
-                support = topk_divergence(
-                    s_lse, s_topk_logits, t_lse, t_gathered[:, :topk], add_tail=options.add_tail, alpha=options.alpha
-                )
-                divergence = support.divergence
-                dense_grad[rows], sparse_grad[rows], topk_mass[rows] = (
-                    support.dense_grad,
-                    support.sparse_grad,
-                    support.topk_mass,
-                )
-                topk_index[rows] = s_topk_index
-            if targets is not None:
-                target_logprobs[rows] = s_target_logit - s_lse
-                teacher_target_logprobs[rows] = t_gathered[:, topk] - t_lse
-            if old_logprobs is not None and options.is_clip is not None:
-                is_weight[rows] = importance_weight(target_logprobs[rows], old_logprobs[rows], options.is_clip)
-            student_lse[rows], teacher_lse[rows] = s_lse, t_lse
-            # Masked rows may hold garbage (padding): select, never multiply, so NaN cannot leak.
-            row_scale = torch.where(row_weight[rows] != 0, row_weight[rows] * is_weight[rows], 0.0)
-            per_token_loss[rows] = torch.where(row_scale != 0, row_scale * divergence, 0.0)
-            per_token_divergence[rows] = divergence
-
+                row_ops.full_vocab_divergence(
+                    zs, zt, chunk_out.student_lse, chunk_out.teacher_lse, options.alpha,
+                    out=(chunk_out.divergence, chunk_out.dense_grad),
+                )  # fmt: skip
+            has_support, has_target = options.topk is not None, targets is not None
+            row_ops.row_loss_(
+                chunk_out,
+                s_topk if has_support else None,
+                t_topk if has_support else None,
+                s_target if has_target else None,
+                t_target if has_target else None,
+                None if old_logprobs is None else old_logprobs[rows],
+                row_weight[rows],
+                add_tail=options.add_tail,
+                alpha=options.alpha,
+                is_clip=options.is_clip,
+            )
             if form_grad_now:
-                teacher = (zt, t_lse) if options.topk is None else None
-                _form_logit_grad(
-                    row_ops,
-                    options,
-                    zs,
-                    s_lse,
-                    row_scale,
-                    dense_grad[rows],
-                    s_topk_index,
-                    sparse_grad[rows],
-                    teacher,
-                    None,
-                    None,
-                )
-                grads.add_chunk(rows, zs, student_hidden, student_weight)
+                teacher = (zt, chunk_out.teacher_lse, options.alpha) if options.topk is None else None
+                row_ops.logit_grad(
+                    zs, chunk_out.student_lse, chunk_out.row_scale, chunk_out.dense_grad, chunk_out.topk_index,
+                    chunk_out.sparse_grad, None, None, inv_temperature, teacher, out=staged.slot(rows),
+                )  # fmt: skip
+        if staged is not None:
+            staged.flush()
+        del student_buffer, teacher_buffer, staged
 
         ctx.options, ctx.row_ops = options, row_ops
         ctx.form_grad_now = form_grad_now
@@ -247,46 +286,60 @@ class ChunkedSDPOFunction(torch.autograd.Function):
         ctx.save_for_backward(
             *_SavedForBackward(
                 student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                target_ids, row_weight, is_weight, student_lse, teacher_lse, topk_index, sparse_grad, dense_grad,
+                target_ids, outputs.row_scale, outputs.student_lse, outputs.teacher_lse, outputs.topk_index,
+                outputs.sparse_grad, outputs.dense_grad,
             )
         )  # fmt: skip
-        ctx.mark_non_differentiable(teacher_target_logprobs, is_weight, topk_mass, per_token_divergence)
-        loss = per_token_loss.sum() if options.grad_in_forward else per_token_loss
-        return loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, per_token_divergence
+        ctx.mark_non_differentiable(
+            outputs.teacher_target_logprobs, outputs.is_weight, outputs.topk_mass, outputs.divergence
+        )
+        loss = outputs.loss.sum() if options.grad_in_forward else outputs.loss
+        return (
+            loss,
+            outputs.target_logprobs,
+            outputs.teacher_target_logprobs,
+            outputs.is_weight,
+            outputs.topk_mass,
+            outputs.divergence,
+        )
 
     @staticmethod
     def backward(ctx, grad_loss, grad_target_logprobs, *_grad_non_differentiable):
         saved = _SavedForBackward(*ctx.saved_tensors)
         student_hidden, student_weight = saved.student_hidden, saved.student_weight
-        options = ctx.options
         needs_grad = tuple(ctx.needs_input_grad[:3])
-        grads = _Gradients(None, None, None)
-        if ctx.form_grad_now and grad_loss is not None:
-            pre = ctx.precomputed
-            grads = _Gradients(
-                None if pre.hidden is None else pre.hidden * grad_loss.to(pre.hidden.dtype),
-                None if pre.weight is None else pre.weight * grad_loss,
-                None if pre.bias is None else pre.bias * grad_loss,
-            )
+        # What forward formed, times the upstream scalar. With an fp32 weight the accumulators *are* the
+        # gradients' dtype: scaled in place and handed over (no second [V, H] buffer); a second backward
+        # through the same graph (retain_graph=True) then takes the recompute path. Other dtypes scale into
+        # the returned tensors and keep the accumulators.
+        grads, upstream = None, None
+        formed = ctx.form_grad_now and ctx.precomputed is not None
+        if formed and grad_loss is not None:
+            grads, upstream = ctx.precomputed, grad_loss
+            if student_weight.dtype == torch.float32:
+                ctx.precomputed = None
         # A recompute pass: per-token upstream gradient of the loss, or a gradient of the target log-probs.
         loss_scale = None
-        if grad_loss is not None and not ctx.form_grad_now:
-            loss_scale = torch.where(saved.row_weight != 0, grad_loss * saved.row_weight * saved.is_weight, 0.0)
+        if grad_loss is not None and not formed:
+            loss_scale = torch.where(saved.row_scale != 0, grad_loss * saved.row_scale, 0.0)
         if (loss_scale is not None or grad_target_logprobs is not None) and any(needs_grad):
-            recomputed = _Gradients.allocate(needs_grad, student_hidden, student_weight)
-            _recompute_pass(ctx.row_ops, options, recomputed, saved, loss_scale, grad_target_logprobs)
-            pairs = zip(
-                (grads.hidden, grads.weight, grads.bias),
-                (recomputed.hidden, recomputed.weight, recomputed.bias),
-                strict=True,
-            )
-            grads = _Gradients(*(new if old is None else old + new for old, new in pairs))
-        grad_weight = None if grads.weight is None else grads.weight.to(student_weight.dtype)
-        grad_bias = None if grads.bias is None else grads.bias.to(saved.student_bias.dtype)
+            if grads is None:
+                grads = _Gradients.allocate(needs_grad, student_hidden, student_weight)
+            else:  # the recompute pass adds its own, already scaled terms: fold the scalar in first
+                scale = upstream
+                grads = _Gradients(*(None if acc is None else acc * scale.to(acc.dtype) for acc in
+                                     (grads.hidden, grads.weight, grads.bias)))  # fmt: skip
+                upstream = None
+            _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, grad_target_logprobs)
+        # in place only on buffers nobody keeps: handed over by ctx, or fresh from a recompute pass
+        in_place = grads is not ctx.precomputed
+        if grads is None:
+            grads = _Gradients(None, None, None)
+        bias_dtype = None if saved.student_bias is None else saved.student_bias.dtype
         return (
-            grads.hidden,
-            grad_weight,
-            grad_bias,
+            _scaled(grads.hidden, upstream, student_hidden.dtype, in_place),
+            _scaled(grads.weight, upstream, student_weight.dtype, in_place),
+            _scaled(grads.bias, upstream, bias_dtype, in_place),
             None,  # teacher_hidden: the teacher never receives a gradient
             None,  # teacher_weight
             None,  # teacher_bias
@@ -296,38 +349,6 @@ class ChunkedSDPOFunction(torch.autograd.Function):
             None,  # options
             None,  # row_ops
         )
-
-
-def _form_logit_grad(
-    row_ops: ModuleType,
-    options: FusedOptions,
-    zs: Tensor,
-    s_lse: Tensor,
-    row_scale: Tensor,
-    dense_grad: Tensor,
-    topk_index: Tensor,
-    sparse_grad: Tensor,
-    teacher: tuple[Tensor, Tensor] | None,
-    targets: Tensor | None,
-    target_scale: Tensor | None,
-) -> Tensor:
-    """Overwrite ``zs`` with dLoss/d(raw student logits) for one chunk.
-
-    ``row_scale`` [C] multiplies the divergence gradient (coefficients ``dense_grad`` [C] and
-    ``sparse_grad`` [C, K] at ``topk_index``; plus, in full-vocabulary mode, the elementwise term, which
-    needs the teacher's ``(logits [C, V], lse [C])``). ``target_scale`` [C] (or None) is the upstream
-    gradient of the target log-probs, whose gradient is ``onehot(target) - softmax``.
-    """
-    live = row_scale != 0
-    # Select, never multiply by 0: a masked padding row may hold non-finite coefficients.
-    dense = torch.where(live, row_scale * dense_grad, 0.0)
-    sparse_index, sparse_value = topk_index, torch.where(live[:, None], row_scale[:, None] * sparse_grad, 0.0)
-    if target_scale is not None:
-        dense = dense + target_scale
-        sparse_index = torch.cat([sparse_index, targets[:, None]], 1)
-        sparse_value = torch.cat([sparse_value, target_scale[:, None]], 1)
-    full_vocab = None if teacher is None else (*teacher, row_scale, options.alpha)
-    return row_ops.logit_grad_(zs, s_lse, dense, sparse_index, sparse_value, 1.0 / options.temperature, full_vocab)
 
 
 def _recompute_pass(
@@ -342,35 +363,31 @@ def _recompute_pass(
     ``sum_t loss_scale_t * D_t + target_scale_t * log p(target_t)`` into ``grads``."""
     student_hidden, student_weight, student_bias = saved.student_hidden, saved.student_weight, saved.student_bias
     teacher_hidden, teacher_weight, teacher_bias = saved.teacher_hidden, saved.teacher_weight, saved.teacher_bias
-    target_ids, student_lse, teacher_lse = saved.target_ids, saved.student_lse, saved.teacher_lse
-    topk_index, sparse_grad, dense_grad = saved.topk_index, saved.sparse_grad, saved.dense_grad
+    target_ids = saved.target_ids
     num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
+    device = student_hidden.device
     inv_temperature = 1.0 / options.temperature
     chunk = options.chunk_size
     dtype = accumulation_dtype(student_hidden.dtype)
-    student_buffer = torch.empty(min(chunk, num_tokens), vocab, dtype=dtype, device=student_hidden.device)
+    student_buffer = torch.empty(min(chunk, num_tokens), vocab, dtype=dtype, device=device)
     # Full-vocabulary mode needs the teacher's logits again, but only when the divergence has a gradient.
     teacher_buffer = torch.empty_like(student_buffer) if options.topk is None and loss_scale is not None else None
     if loss_scale is None:
-        loss_scale = torch.zeros(num_tokens, dtype=dtype, device=student_hidden.device)
+        loss_scale = torch.zeros(num_tokens, dtype=dtype, device=device)
+    if target_scale is not None:
+        target_scale = target_scale.to(dtype)
+    staged = _StagedGradients(grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device))
     for start in range(0, num_tokens, chunk):
         rows = slice(start, min(start + chunk, num_tokens))
         zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, inv_temperature)
         teacher = None
         if teacher_buffer is not None:
             zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, inv_temperature)
-            teacher = (zt, teacher_lse[rows])
-        _form_logit_grad(
-            row_ops,
-            options,
-            zs,
-            student_lse[rows],
-            loss_scale[rows],
-            dense_grad[rows],
-            topk_index[rows],
-            sparse_grad[rows],
-            teacher,
-            None if target_ids is None else target_ids[rows],
-            None if target_scale is None else target_scale[rows],
-        )
-        grads.add_chunk(rows, zs, student_hidden, student_weight)
+            teacher = (zt, saved.teacher_lse[rows], options.alpha)
+        has_target = target_scale is not None
+        row_ops.logit_grad(
+            zs, saved.student_lse[rows], loss_scale[rows], saved.dense_grad[rows], saved.topk_index[rows],
+            saved.sparse_grad[rows], target_ids[rows] if has_target else None,
+            target_scale[rows] if has_target else None, inv_temperature, teacher, out=staged.slot(rows),
+        )  # fmt: skip
+    staged.flush()

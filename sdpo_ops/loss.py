@@ -132,8 +132,9 @@ def _check_targets(target_ids: Tensor | None, old_logprobs: Tensor | None, vocab
         return
     if target_ids.is_floating_point() or target_ids.is_complex() or target_ids.dtype == torch.bool:
         raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
-    # One host sync, before any kernel runs: an out-of-range id would otherwise read out of bounds.
-    if target_ids.numel():
+    # One host sync, before any kernel runs: an out-of-range id would otherwise read out of bounds. Meta
+    # tensors (dry runs) hold no values to check.
+    if target_ids.numel() and target_ids.device.type != "meta":
         low, high = (int(v) for v in torch.stack(torch.aminmax(target_ids)).tolist())
         if low < 0 or high >= vocab:
             raise ValueError(f"target_ids must lie in [0, V={vocab}), got values in [{low}, {high}]")

@@ -1,9 +1,10 @@
 """The row stages of one chunk, in torch: the twins of the Triton kernels in ``sdpo_ops.kernels``.
 
 The chunked autograd Function (``sdpo_ops.chunked``) forms a chunk's logits with a matmul into an fp32
-``[C, V]`` buffer, then calls these four stages. ``sdpo_ops.kernels.row_ops`` provides the same four
-functions, same signatures and semantics, as Triton kernels; the Function takes either namespace, so the
-CPU tests exercise the same host orchestration the GPU runs.
+``[C, V]`` buffer, then calls these stages. ``sdpo_ops.kernels.row_ops`` provides the same functions, same
+signatures and semantics, as Triton kernels; the Function takes either namespace, so the CPU tests exercise
+the same host orchestration the GPU runs. Results go straight into the caller's tensors (``out=``, or the
+chunk's rows of ``RowOutputs``).
 
 All logits here are fp32 and already divided by the temperature.
 """
@@ -13,16 +14,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sdpo_ops.divergence import generalized_jsd_and_grad
+from sdpo_ops.divergence import generalized_jsd_and_grad, topk_divergence
+from sdpo_ops.reference import importance_weight
+from sdpo_ops.row_outputs import RowOutputs
 
 
-def student_row_stats(logits: Tensor, topk: int, target_ids: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _into(out: tuple[Tensor, ...] | None, values: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    if out is None:
+        return values
+    for destination, value in zip(out, values, strict=True):
+        destination.copy_(value)
+    return out
+
+
+def student_row_stats(
+    logits: Tensor, topk: int, target_ids: Tensor | None, *, out: tuple[Tensor, ...] | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-sum-exp, top-K and target logit per row of the student's logits.
 
     Args:
         logits: [C, V] fp32.
         topk: K >= 0 (0: no top-K, e.g. full-vocabulary mode).
         target_ids: [C] int64 or None.
+        out: ``(lse, topk_logits, topk_index, target_logit)`` to write into, else allocated.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``; ``target_logit`` is
         zeros when ``target_ids`` is None. Top-K order is unspecified (ties: any consistent choice).
@@ -34,68 +48,139 @@ def student_row_stats(logits: Tensor, topk: int, target_ids: Tensor | None) -> t
         topk_logits = logits.new_empty(logits.shape[0], 0)
         topk_index = torch.empty(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
     target_logit = torch.zeros_like(lse) if target_ids is None else logits.gather(1, target_ids[:, None]).squeeze(1)
-    return lse, topk_logits, topk_index, target_logit
+    return _into(out, (lse, topk_logits, topk_index, target_logit))
 
 
-def teacher_row_stats(logits: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-    """Log-sum-exp per row of the teacher's logits and the logits at the given columns.
+def teacher_row_stats(
+    logits: Tensor, index: Tensor, target_ids: Tensor | None = None, *, out: tuple[Tensor, ...] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-sum-exp per row of the teacher's logits, the logits at the given columns and at the target.
 
     Args:
         logits: [C, V] fp32.
-        index: [C, J] int64 (the student's top-K columns, possibly followed by the target column).
+        index: [C, J] int64 (the student's top-K columns).
+        target_ids: [C] int64 or None.
+        out: ``(lse, gathered, target_logit)`` to write into, else allocated.
     Returns:
-        ``(lse [C], gathered [C, J])``.
+        ``(lse [C], gathered [C, J], target_logit [C])``; ``target_logit`` is zeros without targets.
     """
-    return torch.logsumexp(logits, dim=-1), logits.gather(1, index)
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = torch.zeros_like(lse) if target_ids is None else logits.gather(1, target_ids[:, None]).squeeze(1)
+    return _into(out, (lse, logits.gather(1, index), target_logit))
 
 
 def full_vocab_divergence(
-    student_logits: Tensor, teacher_logits: Tensor, student_lse: Tensor, teacher_lse: Tensor, alpha: float
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    student_lse: Tensor,
+    teacher_lse: Tensor,
+    alpha: float,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Full-vocabulary GJSD per row and the row sum of its gradient w.r.t. the student log-probs.
 
     Args:
         student_logits, teacher_logits: [C, V] fp32; student_lse, teacher_lse: [C].
+        out: ``(divergence, grad_sum)`` to write into, else allocated.
     Returns:
         ``(divergence [C], grad_sum [C])`` with ``grad_sum = sum_j dD/ds_j``.
     """
     divergence, grad = generalized_jsd_and_grad(
         student_logits - student_lse[:, None], teacher_logits - teacher_lse[:, None], alpha
     )
-    return divergence, grad.sum(-1)
+    return _into(out, (divergence, grad.sum(-1)))
 
 
-def logit_grad_(
+def row_loss_(
+    rows: RowOutputs,
+    student_topk_logits: Tensor | None,
+    teacher_topk_logits: Tensor | None,
+    student_target_logit: Tensor | None,
+    teacher_target_logit: Tensor | None,
+    old_logprobs: Tensor | None,
+    row_weight: Tensor,
+    *,
+    add_tail: bool,
+    alpha: float,
+    is_clip: float | None,
+) -> None:
+    """Write one chunk's per-row loss, outputs and gradient coefficients into ``rows``.
+
+    Reads ``rows.student_lse`` and ``rows.teacher_lse``; in full-vocabulary mode (``student_topk_logits``
+    None) also ``rows.divergence`` and ``rows.dense_grad``, written before by ``full_vocab_divergence``.
+    ``row_weight`` [C] is mask x token weights x reduction coefficient; ``row_scale = row_weight * is_weight``
+    and ``loss = row_scale * D`` are exact zeros where ``row_weight`` is 0 (selects: a masked row may hold NaN).
+    """
+    if student_topk_logits is not None:
+        support = topk_divergence(
+            rows.student_lse, student_topk_logits, rows.teacher_lse, teacher_topk_logits, add_tail=add_tail, alpha=alpha
+        )
+        rows.divergence.copy_(support.divergence)
+        rows.sparse_grad.copy_(support.sparse_grad)
+        rows.dense_grad.copy_(support.dense_grad)
+        rows.topk_mass.copy_(support.topk_mass)
+    else:
+        rows.topk_mass.fill_(1.0)
+    if student_target_logit is not None:
+        rows.target_logprobs.copy_(student_target_logit - rows.student_lse)
+        rows.teacher_target_logprobs.copy_(teacher_target_logit - rows.teacher_lse)
+    else:
+        rows.target_logprobs.zero_()
+        rows.teacher_target_logprobs.zero_()
+    if old_logprobs is not None and is_clip is not None:
+        rows.is_weight.copy_(importance_weight(rows.target_logprobs, old_logprobs, is_clip))
+    else:
+        rows.is_weight.fill_(1.0)
+    rows.row_scale.copy_(torch.where(row_weight != 0, row_weight * rows.is_weight, 0.0))
+    rows.loss.copy_(torch.where(rows.row_scale != 0, rows.row_scale * rows.divergence, 0.0))
+
+
+def logit_grad(
     student_logits: Tensor,
     student_lse: Tensor,
-    dense_coef: Tensor,
-    sparse_index: Tensor,
-    sparse_value: Tensor,
+    row_scale: Tensor,
+    dense_grad: Tensor,
+    topk_index: Tensor,
+    sparse_grad: Tensor,
+    target_ids: Tensor | None,
+    target_scale: Tensor | None,
     scale: float,
-    teacher: tuple[Tensor, Tensor, Tensor, float] | None = None,
+    teacher: tuple[Tensor, Tensor, float] | None = None,
+    *,
+    out: Tensor,
 ) -> Tensor:
-    """Overwrite the student's logits with the gradient of the loss w.r.t. the raw logits.
+    """The gradient of the loss w.r.t. the raw student logits of one chunk, written into ``out``.
 
-    Per row: ``dz_j = scale * (row_scale * g_j - softmax(z)_j * dense_coef + sum_k sparse_value_k [j = index_k])``
-    where the elementwise ``g_j = dD/ds_j`` term exists only in full-vocabulary mode (``teacher`` given as
-    ``(teacher_logits [C, V], teacher_lse [C], row_scale [C], alpha)``). ``scale`` is ``1 / temperature``.
-    Repeated indices in a row accumulate.
+    Per row, with ``r = row_scale``, ``c = target_scale`` (0 without it) and ``S = softmax(z)``:
+    ``dz_j = scale * (r g_j - S_j (r dense + c) + r sparse_k [j = index_k] + c [j = target])``; the elementwise
+    ``g_j = dD/ds_j`` exists only in full-vocabulary mode (``teacher = (teacher_logits [C, V], teacher_lse [C],
+    alpha)``); ``scale`` is ``1 / temperature``. Rows with ``r = 0`` and ``c = 0`` are exact zeros.
+    Deterministic: a column listed twice (the target among the top-K) gets its terms summed before one write.
 
     Args:
-        student_logits: [C, V] fp32, overwritten and returned.
-        student_lse: [C]; dense_coef: [C]; sparse_index: [C, J] int64; sparse_value: [C, J] fp32.
+        student_logits: [C, V] fp32 (read only); student_lse, row_scale, dense_grad: [C];
+        topk_index: [C, K] int64; sparse_grad: [C, K]; target_ids, target_scale: [C] or both None.
+        out: [C, V] floating, written and returned.
     """
-    probs = torch.exp(student_logits - student_lse[:, None])
+    has_divergence = row_scale != 0
+    # select, never multiply by 0: a masked row's coefficients may be NaN
+    dense = torch.where(has_divergence, row_scale * dense_grad, 0.0)
+    index = topk_index
+    sparse = torch.where(has_divergence[:, None], row_scale[:, None] * sparse_grad, 0.0)
+    live = has_divergence
+    if target_scale is not None:
+        dense = dense + target_scale
+        index = torch.cat([index, target_ids[:, None]], 1)
+        sparse = torch.cat([sparse, target_scale[:, None]], 1)
+        live = live | (target_scale != 0)
+    log_probs = student_logits - student_lse[:, None]
+    grad = log_probs.exp().mul_(-dense[:, None])
     if teacher is not None:
-        teacher_logits, teacher_lse, row_scale, alpha = teacher
-        _, grad = generalized_jsd_and_grad(
-            student_logits - student_lse[:, None], teacher_logits - teacher_lse[:, None], alpha
-        )
-        student_logits.copy_(grad.mul_(row_scale[:, None]))
-    else:
-        student_logits.zero_()
-    student_logits.sub_(probs.mul_(dense_coef[:, None]))
-    student_logits.scatter_add_(1, sparse_index, sparse_value)
-    if scale != 1.0:
-        student_logits.mul_(scale)
-    return student_logits
+        teacher_logits, teacher_lse, alpha = teacher
+        _, divergence_grad = generalized_jsd_and_grad(log_probs, teacher_logits - teacher_lse[:, None], alpha)
+        grad.add_(divergence_grad.mul_(torch.where(has_divergence, row_scale, 0.0)[:, None]))
+    merged = ((index[:, :, None] == index[:, None, :]) * sparse[:, None, :]).sum(-1)
+    grad.scatter_(1, index, grad.gather(1, index) + merged)
+    out.copy_(torch.where(live[:, None], grad * scale, 0.0))
+    return out

@@ -254,9 +254,9 @@ def test_stage_timer_times_every_row_stage_of_each_namespace(tmp_path):
     )
     written = json.loads((tmp_path / "stages.json").read_text())
     stage_names = [row["stage"] for row in written["rows"]]
-    assert stage_names[0].startswith("chunk GEMM") and len(stage_names) == 5
-    assert {"student_row_stats", "teacher_row_stats", "full_vocab_divergence", "logit_grad_"} == {
+    assert stage_names[0].startswith("chunk GEMM") and len(stage_names) == 6
+    assert {"student_row_stats", "teacher_row_stats", "row_loss_", "full_vocab_divergence", "logit_grad"} == {
         name.split(" ")[0] for name in stage_names[1:]
     }
     assert all(row["ms"] > 0 and math.isfinite(row["ms"]) for row in written["rows"])
-    assert "| logit_grad_ (top-K, in place) | torch |" in (tmp_path / "stages.md").read_text()
+    assert "| logit_grad (top-K, float32 out) | torch |" in (tmp_path / "stages.md").read_text()

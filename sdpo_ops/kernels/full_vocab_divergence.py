@@ -121,6 +121,7 @@ def full_vocab_divergence(
     teacher_lse: Tensor,
     alpha: float,
     *,
+    out: tuple[Tensor, Tensor] | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Full-vocabulary GJSD per row and the row sum of its gradient w.r.t. the student log-probs (Triton).
@@ -131,6 +132,7 @@ def full_vocab_divergence(
         student_logits, teacher_logits: [C, V] fp32 (bf16/fp16 are read as fp32).
         student_lse, teacher_lse: [C] fp32, the log-sum-exps of the two rows.
         alpha: in [0, 1]; 0 is KL(teacher || student), 1 is KL(student || teacher).
+        out: ``(divergence, grad_sum)`` to write into, else allocated.
         block_v: tile width override (a power of two), for tests and tuning.
     Returns:
         ``(divergence [C], grad_sum [C])`` fp32, with ``grad_sum = sum_j dD/ds_j``.
@@ -157,10 +159,11 @@ def full_vocab_divergence(
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     block_v = min(block_v, triton.next_power_of_2(V))
 
-    divergence = torch.empty(C, dtype=torch.float32, device=student_logits.device)
-    grad_sum = torch.empty(C, dtype=torch.float32, device=student_logits.device)
+    if out is None:
+        out = tuple(torch.empty(C, dtype=torch.float32, device=student_logits.device) for _ in range(2))
+    divergence, grad_sum = out
     if C == 0:
-        return divergence, grad_sum
+        return out
 
     launch(
         _full_vocab_divergence_kernel,

@@ -1,18 +1,23 @@
-"""The gradient w.r.t. the raw student logits, written in place over the chunk's logits buffer.
+"""The gradient w.r.t. the raw student logits of one chunk, written in the GEMM dtype for the dH/dW GEMMs.
 
-Per row, with ``S = softmax(z) = exp(z - lse(z))`` and ``scale = 1 / temperature``:
+Per row, with ``S = softmax(z) = exp(z - lse(z))``, ``scale = 1 / temperature``, ``r = row_scale`` and the
+target term's upstream gradient ``c`` (``target_scale``, only when the target log-probs need a gradient):
 
-    dz_j = scale * (row_scale * g_j - S_j * dense_coef + sum_k sparse_value_k [j = sparse_index_k])
+    dz_j = scale * (r * g_j - S_j * (r * dense + c) + r * sparse_k [j = index_k] + c [j = target])
 
-The dense part (one read and one write of the row) is the Triton kernel below; the optional elementwise
-``g_j = dD/ds_j`` term exists in full-vocabulary mode only (HAS_TEACHER: also read the teacher row and
-recompute ``g_j`` with ``full_vocab_divergence._gjsd_terms``, the same Triton math as the forward).
+with the elementwise ``g_j = dD/ds_j`` only in full-vocabulary mode (HAS_TEACHER: the teacher row is read
+and ``g_j`` recomputed by ``full_vocab_divergence._gjsd_terms``, the forward's own Triton math). A row
+with ``r = 0`` and ``c = 0`` (masked) is written as exact zeros, whatever its logits hold.
 
-The sparse part is ``torch.Tensor.scatter_add_`` of ``scale * sparse_value [C, J]`` after the dense
-kernel, on purpose: J is ~K+1 per row (a few hundred bytes), repeated columns in a row must accumulate
-(the target may be among the top-K), and scatter_add_ gets that right on every device, while a Triton
-scatter would need atomics, whose handling of duplicate addresses within one block the interpreter does
-not promise, or a per-tile search over J. One extra tiny launch, no [C, V] traffic.
+One program per row, two phases:
+
+1. the dense term over BLOCK_V tiles, read from the intact fp32 logits and stored in ``out``'s dtype (bf16
+   on CUDA: no separate cast pass over ``[C, V]``);
+2. after a CTA barrier (the same columns were stored by other threads in phase 1), the K top-K columns and
+   the target column again: the dense value recomputed from the fp32 logits plus the sparse terms, stored
+   once, so each of them is rounded once to the GEMM dtype. The top-K columns are distinct; the target may
+   be one of them, and then only the top-K entry (carrying ``r * sparse_k + c``) stores it. No atomics:
+   the result is deterministic (``scatter_add_`` on CUDA is not when a column repeats).
 """
 
 from __future__ import annotations
@@ -31,72 +36,126 @@ _INTERPRET_CONFIG = (64, 1)
 
 
 @triton.jit
+def _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, divergence_scale, alpha, log_one_minus_alpha,
+                      log_alpha, HAS_TEACHER: tl.constexpr, ALPHA_MODE: tl.constexpr):  # fmt: skip
+    s = z - student_lse
+    dz = -tl.exp(s) * dense_coef
+    if HAS_TEACHER:
+        _, grad = _gjsd_terms(s, u - teacher_lse, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE)
+        dz += divergence_scale * grad
+    return dz
+
+
+@triton.jit
 def _logit_grad_kernel(
-    student_logits_ptr,
+    logits_ptr,
+    out_ptr,
     student_lse_ptr,
-    dense_coef_ptr,
+    row_scale_ptr,
+    dense_grad_ptr,
+    topk_index_ptr,
+    sparse_grad_ptr,
+    target_ids_ptr,
+    target_scale_ptr,
     teacher_logits_ptr,
     teacher_lse_ptr,
-    row_scale_ptr,
     V,
+    K,
     scale,
     alpha,
     log_one_minus_alpha,
     log_alpha,
-    stride_student_c,
-    stride_student_v,
+    stride_logits_c,
+    stride_out_c,
     stride_teacher_c,
-    stride_teacher_v,
+    stride_topk_index_c,
+    stride_sparse_grad_c,
     HAS_TEACHER: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
     ALPHA_MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    student_row_ptr = student_logits_ptr + pid_n * stride_student_c
-    student_lse = tl.load(student_lse_ptr + pid_n).to(tl.float32)
-    dense_coef = tl.load(dense_coef_ptr + pid_n).to(tl.float32)
-    if HAS_TEACHER:
-        teacher_row_ptr = teacher_logits_ptr + pid_n * stride_teacher_c
-        teacher_lse = tl.load(teacher_lse_ptr + pid_n).to(tl.float32)
-        row_scale = tl.load(row_scale_ptr + pid_n).to(tl.float32)
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_logits_c
+    out_row = out_ptr + row * stride_out_c
+    teacher_row = teacher_logits_ptr + row * stride_teacher_c
+    student_lse = tl.load(student_lse_ptr + row).to(tl.float32)
+    row_scale = tl.load(row_scale_ptr + row).to(tl.float32)
+    has_divergence = row_scale != 0
+    # select, never multiply by 0: a masked row's coefficients may be NaN
+    dense_coef = tl.where(has_divergence, row_scale * tl.load(dense_grad_ptr + row).to(tl.float32), 0.0)
+    if HAS_TARGET:
+        target = tl.load(target_ids_ptr + row)
+        target_scale = tl.load(target_scale_ptr + row).to(tl.float32)
+        dense_coef += target_scale
+        live = has_divergence | (target_scale != 0)
+    else:
+        live = has_divergence
+    teacher_lse = tl.load(teacher_lse_ptr + row).to(tl.float32) if HAS_TEACHER else 0.0
     offs_v = tl.arange(0, BLOCK_V)
 
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         in_row = cols < V
-        z = tl.load(student_row_ptr + cols * stride_student_v, mask=in_row, other=-float("inf")).to(tl.float32)
-        s = z - student_lse
-        dz = -tl.exp(s) * dense_coef
-        if HAS_TEACHER:
-            u = tl.load(teacher_row_ptr + cols * stride_teacher_v, mask=in_row, other=-float("inf")).to(tl.float32)
-            _, grad = _gjsd_terms(s, u - teacher_lse, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE)
-            dz += row_scale * grad
-        tl.store(student_row_ptr + cols * stride_student_v, dz * scale, mask=in_row)
+        z = tl.load(logits_row + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+        u = tl.load(teacher_row + cols, mask=in_row, other=-float("inf")).to(tl.float32) if HAS_TEACHER else z
+        dz = _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, row_scale, alpha, log_one_minus_alpha,
+                               log_alpha, HAS_TEACHER, ALPHA_MODE)  # fmt: skip
+        dz = tl.where(live, dz * scale, 0.0)
+        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=in_row)
+
+    tl.debug_barrier()
+    offs_k = tl.arange(0, BLOCK_K)
+    in_k = offs_k < K
+    index = tl.load(topk_index_ptr + row * stride_topk_index_c + offs_k, mask=in_k, other=0)
+    sparse = tl.load(sparse_grad_ptr + row * stride_sparse_grad_c + offs_k, mask=in_k, other=0.0).to(tl.float32)
+    sparse = tl.where(has_divergence, row_scale * sparse, 0.0)
+    if HAS_TARGET:
+        is_target = in_k & (index == target)
+        sparse += tl.where(is_target, target_scale, 0.0)
+    z = tl.load(logits_row + index, mask=in_k, other=0.0).to(tl.float32)
+    u = tl.load(teacher_row + index, mask=in_k, other=0.0).to(tl.float32) if HAS_TEACHER else z
+    dz = _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, row_scale, alpha, log_one_minus_alpha,
+                           log_alpha, HAS_TEACHER, ALPHA_MODE) + sparse  # fmt: skip
+    tl.store(out_row + index, tl.where(live, dz * scale, 0.0).to(out_ptr.dtype.element_ty), mask=in_k)
+    if HAS_TARGET:
+        # the target column, unless a top-K entry above already carried its term
+        target_outside_topk = tl.sum(is_target.to(tl.int32), axis=0) == 0
+        z_t = tl.load(logits_row + target).to(tl.float32)
+        u_t = tl.load(teacher_row + target).to(tl.float32) if HAS_TEACHER else z_t
+        dz_t = _dense_logit_grad(z_t, student_lse, dense_coef, u_t, teacher_lse, row_scale, alpha,
+                                 log_one_minus_alpha, log_alpha, HAS_TEACHER, ALPHA_MODE) + target_scale  # fmt: skip
+        dz_t = tl.where(live, dz_t * scale, 0.0)
+        tl.store(out_row + target, dz_t.to(out_ptr.dtype.element_ty), mask=target_outside_topk & live)
 
 
-def logit_grad_(
+def logit_grad(
     student_logits: Tensor,
     student_lse: Tensor,
-    dense_coef: Tensor,
-    sparse_index: Tensor,
-    sparse_value: Tensor,
+    row_scale: Tensor,
+    dense_grad: Tensor,
+    topk_index: Tensor,
+    sparse_grad: Tensor,
+    target_ids: Tensor | None,
+    target_scale: Tensor | None,
     scale: float,
-    teacher: tuple[Tensor, Tensor, Tensor, float] | None = None,
+    teacher: tuple[Tensor, Tensor, float] | None = None,
     *,
+    out: Tensor,
     block_v: int | None = None,
 ) -> Tensor:
-    """Overwrite the student's logits with the gradient of the loss w.r.t. the raw logits (Triton).
+    """dLoss/d(raw student logits) of one chunk into ``out`` (Triton; see the module docstring).
 
-    Same contract as ``sdpo_ops.row_ops.logit_grad_``: per row
-    ``dz_j = scale * (row_scale * g_j - softmax(z)_j * dense_coef + sum_k sparse_value_k [j = index_k])``,
-    repeated indices accumulating; the ``g_j`` term only with ``teacher = (teacher_logits [C, V],
-    teacher_lse [C], row_scale [C], alpha)`` (full-vocabulary mode).
+    Same contract as ``sdpo_ops.row_ops.logit_grad``.
 
     Args:
-        student_logits: [C, V] fp32, overwritten and returned.
-        student_lse: [C]; dense_coef: [C]; sparse_index: [C, J] int64; sparse_value: [C, J] fp32.
+        student_logits: [C, V] fp32, the chunk's logits divided by the temperature (read only).
+        student_lse, row_scale, dense_grad: [C]; topk_index: [C, K] int64 (distinct per row); sparse_grad: [C, K].
+        target_ids, target_scale: [C] (int64, fp32), or both None: the target log-prob term.
         scale: ``1 / temperature``.
-        teacher: see above, or None.
+        teacher: ``(teacher_logits [C, V], teacher_lse [C], alpha)`` in full-vocabulary mode, else None.
+        out: [C, V] floating (fp32, or the GEMM dtype), written and returned.
         block_v: tile width override (a power of two), for tests and tuning.
     """
     if student_logits.dim() != 2 or not student_logits.is_floating_point():
@@ -104,34 +163,40 @@ def logit_grad_(
             f"student_logits must be a floating [C, V] tensor, got {tuple(student_logits.shape)} {student_logits.dtype}"
         )
     C, V = student_logits.shape
-    for name, x in (("student_lse", student_lse), ("dense_coef", dense_coef)):
+    if out.shape != (C, V) or not out.is_floating_point():
+        raise ValueError(f"out must be a floating [C, V] = [{C}, {V}] tensor, got {tuple(out.shape)} {out.dtype}")
+    for name, x in (("student_lse", student_lse), ("row_scale", row_scale), ("dense_grad", dense_grad)):
         if x.shape != (C,):
             raise ValueError(f"{name} must be [C] = [{C}], got {tuple(x.shape)}")
-    if sparse_index.dim() != 2 or sparse_index.shape[0] != C or sparse_index.dtype != torch.int64:
+    if topk_index.dim() != 2 or topk_index.shape[0] != C or topk_index.dtype != torch.int64:
         raise ValueError(
-            f"sparse_index must be a [C, J] = [{C}, J] int64 tensor, "
-            f"got {tuple(sparse_index.shape)} {sparse_index.dtype}"
+            f"topk_index must be a [C, K] = [{C}, K] int64 tensor, got {tuple(topk_index.shape)} {topk_index.dtype}"
         )
-    if sparse_value.shape != sparse_index.shape:
-        raise ValueError(
-            f"sparse_value {tuple(sparse_value.shape)} must match sparse_index {tuple(sparse_index.shape)}"
-        )
-    tensors = [student_logits, student_lse, dense_coef, sparse_index, sparse_value]
-    if teacher is not None:
-        teacher_logits, teacher_lse, row_scale, alpha = teacher
-        if teacher_logits.shape != (C, V):
-            raise ValueError(f"teacher logits must be [C, V] = [{C}, {V}], got {tuple(teacher_logits.shape)}")
-        for name, x in (("teacher lse", teacher_lse), ("row_scale", row_scale)):
+    if sparse_grad.shape != topk_index.shape:
+        raise ValueError(f"sparse_grad {tuple(sparse_grad.shape)} must match topk_index {tuple(topk_index.shape)}")
+    if (target_ids is None) != (target_scale is None):
+        raise ValueError("target_ids and target_scale must be given together")
+    tensors = [student_logits, out, student_lse, row_scale, dense_grad, topk_index, sparse_grad]
+    if target_ids is not None:
+        for name, x in (("target_ids", target_ids), ("target_scale", target_scale)):
             if x.shape != (C,):
                 raise ValueError(f"{name} must be [C] = [{C}], got {tuple(x.shape)}")
-        gjsd_args = gjsd_launch_args(alpha)
-        tensors += [teacher_logits, teacher_lse, row_scale]
+        tensors += [target_ids, target_scale]
+    if teacher is not None:
+        teacher_logits, teacher_lse, alpha = teacher
+        if teacher_logits.shape != (C, V):
+            raise ValueError(f"teacher logits must be [C, V] = [{C}, {V}], got {tuple(teacher_logits.shape)}")
+        if teacher_lse.shape != (C,):
+            raise ValueError(f"teacher lse must be [C] = [{C}], got {tuple(teacher_lse.shape)}")
+        tensors += [teacher_logits, teacher_lse]
     else:
         # placeholders: HAS_TEACHER=False compiles every teacher read away
-        teacher_logits, teacher_lse, row_scale = student_logits, student_lse, student_lse
-        gjsd_args = gjsd_launch_args(0.0)
+        teacher_logits, teacher_lse, alpha = student_logits, student_lse, 0.0
     if any(x.device != student_logits.device for x in tensors):
         raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in tensors]}")
+    for name, x in (("student_logits", student_logits), ("out", out), ("teacher logits", teacher_logits)):
+        if x.stride(1) != 1:
+            raise ValueError(f"{name} must have unit stride along the vocabulary, got strides {x.stride()}")
 
     default_block_v, num_warps = _CUDA_CONFIG if student_logits.is_cuda else _INTERPRET_CONFIG
     block_v = block_v or default_block_v
@@ -139,29 +204,38 @@ def logit_grad_(
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     block_v = min(block_v, triton.next_power_of_2(V))
     if C == 0:
-        return student_logits
-
+        return out
+    K = topk_index.shape[1]
+    has_target = target_ids is not None
+    reads = student_logits.element_size() * (2 if teacher is not None else 1)
     launch(
         _logit_grad_kernel,
         (C,),
-        hbm_bytes=C * V * 2 * student_logits.element_size() * (2 if teacher is not None else 1),
-        student_logits_ptr=student_logits,
+        hbm_bytes=C * V * (reads + out.element_size()) + C * (K + 1) * 24,
+        num_warps=num_warps,
+        logits_ptr=student_logits,
+        out_ptr=out,
         student_lse_ptr=student_lse,
-        dense_coef_ptr=dense_coef,
+        row_scale_ptr=row_scale,
+        dense_grad_ptr=dense_grad,
+        topk_index_ptr=topk_index,
+        sparse_grad_ptr=sparse_grad,
+        target_ids_ptr=target_ids if has_target else topk_index,
+        target_scale_ptr=target_scale if has_target else row_scale,
         teacher_logits_ptr=teacher_logits,
         teacher_lse_ptr=teacher_lse,
-        row_scale_ptr=row_scale,
         V=V,
+        K=K,
         scale=float(scale),
-        stride_student_c=student_logits.stride(0),
-        stride_student_v=student_logits.stride(1),
+        stride_logits_c=student_logits.stride(0),
+        stride_out_c=out.stride(0),
         stride_teacher_c=teacher_logits.stride(0),
-        stride_teacher_v=teacher_logits.stride(1),
+        stride_topk_index_c=topk_index.stride(0),
+        stride_sparse_grad_c=sparse_grad.stride(0),
         HAS_TEACHER=teacher is not None,
-        **gjsd_args,
+        HAS_TARGET=has_target,
+        **gjsd_launch_args(alpha),
         BLOCK_V=block_v,
-        num_warps=num_warps,
+        BLOCK_K=max(triton.next_power_of_2(K), 2),
     )
-    # sparse part: see the module docstring for why this is a torch scatter_add_
-    student_logits.scatter_add_(1, sparse_index, sparse_value.to(student_logits.dtype) * scale)
-    return student_logits
+    return out

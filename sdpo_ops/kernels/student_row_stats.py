@@ -187,7 +187,12 @@ def _student_row_stats_kernel(
 
 
 def student_row_stats(
-    logits: Tensor, topk: int, target_ids: Tensor | None, *, block_v: int | None = None
+    logits: Tensor,
+    topk: int,
+    target_ids: Tensor | None,
+    *,
+    out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-sum-exp, top-K and target logit per row of the student's logits (Triton).
 
@@ -198,6 +203,8 @@ def student_row_stats(
         logits: [C, V] fp32 (bf16/fp16 are read as fp32).
         topk: K with 0 <= K <= min(V, 256) (0: no top-K).
         target_ids: [C] int64 or None.
+        out: ``(lse, topk_logits, topk_index, target_logit)`` to write into (e.g. row slices of the call's
+            outputs), else allocated.
         block_v: pass-1 tile width override (a power of two; raised to the top-K width), for tests and tuning.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``, fp32 except the index;
@@ -233,12 +240,16 @@ def student_row_stats(
     nb_pad = max(triton.next_power_of_2(triton.cdiv(V, block_v) * tile_blocks), k_pad)
     group = min(tile_blocks, k_pad)
 
-    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
-    topk_logits = torch.empty(C, topk, dtype=torch.float32, device=logits.device)
-    topk_index = torch.empty(C, topk, dtype=torch.int64, device=logits.device)
-    target_logit = torch.empty(C, dtype=torch.float32, device=logits.device)
+    if out is None:
+        out = (
+            torch.empty(C, dtype=torch.float32, device=logits.device),
+            torch.empty(C, topk, dtype=torch.float32, device=logits.device),
+            torch.empty(C, topk, dtype=torch.int64, device=logits.device),
+            torch.empty(C, dtype=torch.float32, device=logits.device),
+        )
+    lse, topk_logits, topk_index, target_logit = out
     if C == 0:
-        return lse, topk_logits, topk_index, target_logit
+        return out
 
     launch(
         _student_row_stats_kernel,
@@ -269,4 +280,4 @@ def student_row_stats(
         LOG_K_PAD=k_pad.bit_length() - 1,
         num_warps=num_warps,
     )
-    return lse, topk_logits, topk_index, target_logit
+    return out

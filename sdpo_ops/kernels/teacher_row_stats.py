@@ -31,6 +31,8 @@ def _teacher_row_stats_kernel(
     index_ptr,
     lse_ptr,
     gathered_ptr,
+    target_ids_ptr,
+    target_logit_ptr,
     V,
     J,
     stride_logits_c,
@@ -40,6 +42,7 @@ def _teacher_row_stats_kernel(
     stride_gathered_c,
     BLOCK_V: tl.constexpr,
     BLOCK_J: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
@@ -65,18 +68,35 @@ def _teacher_row_stats_kernel(
     gathered = tl.load(row_ptr + index * stride_logits_v, mask=in_j & in_range, other=float("nan")).to(tl.float32)
     tl.store(gathered_ptr + pid_n * stride_gathered_c + offs_j, gathered, mask=in_j)
 
+    if HAS_TARGET:
+        target = tl.load(target_ids_ptr + pid_n)
+        target_in_range = (target >= 0) & (target < V)
+        target_logit = tl.load(row_ptr + target * stride_logits_v, mask=target_in_range, other=float("nan"))
+        tl.store(target_logit_ptr + pid_n, target_logit.to(tl.float32))
+    else:
+        tl.store(target_logit_ptr + pid_n, 0.0)
 
-def teacher_row_stats(logits: Tensor, index: Tensor, *, block_v: int | None = None) -> tuple[Tensor, Tensor]:
+
+def teacher_row_stats(
+    logits: Tensor,
+    index: Tensor,
+    target_ids: Tensor | None = None,
+    *,
+    out: tuple[Tensor, Tensor, Tensor] | None = None,
+    block_v: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Log-sum-exp per row of the teacher's logits and the logits at the given columns (Triton).
 
     Same contract as ``sdpo_ops.row_ops.teacher_row_stats``.
 
     Args:
         logits: [C, V] fp32 (bf16/fp16 are read as fp32).
-        index: [C, J] int64, columns in [0, V) (the student's top-K, possibly followed by the target).
+        index: [C, J] int64, columns in [0, V) (the student's top-K).
+        target_ids: [C] int64 or None: one more column per row, read into ``target_logit``.
+        out: ``(lse, gathered, target_logit)`` to write into, else allocated.
         block_v: tile width override (a power of two), for tests and tuning.
     Returns:
-        ``(lse [C], gathered [C, J])``, fp32.
+        ``(lse [C], gathered [C, J], target_logit [C])``, fp32; ``target_logit`` is zeros without targets.
     """
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a floating [C, V] tensor, got {tuple(logits.shape)} {logits.dtype}")
@@ -93,19 +113,30 @@ def teacher_row_stats(logits: Tensor, index: Tensor, *, block_v: int | None = No
         raise ValueError(f"block_v must be a power of two, got {block_v}")
     block_v = min(block_v, triton.next_power_of_2(V))
 
-    lse = torch.empty(C, dtype=torch.float32, device=logits.device)
-    gathered = torch.empty(C, J, dtype=torch.float32, device=logits.device)
+    if target_ids is not None and (target_ids.shape != (C,) or target_ids.dtype != torch.int64):
+        raise ValueError(
+            f"target_ids must be a [C] = [{C}] int64 tensor, got {tuple(target_ids.shape)} {target_ids.dtype}"
+        )
+    if out is None:
+        out = (
+            torch.empty(C, dtype=torch.float32, device=logits.device),
+            torch.empty(C, J, dtype=torch.float32, device=logits.device),
+            torch.empty(C, dtype=torch.float32, device=logits.device),
+        )
+    lse, gathered, target_logit = out
     if C == 0:
-        return lse, gathered
+        return out
 
     launch(
         _teacher_row_stats_kernel,
         (C,),
-        hbm_bytes=C * (V + J) * logits.element_size() + C * (J * 12 + 4),
+        hbm_bytes=C * (V + J + 1) * logits.element_size() + C * (J * 12 + 16),
         logits_ptr=logits,
         index_ptr=index,
         lse_ptr=lse,
         gathered_ptr=gathered,
+        target_ids_ptr=target_ids if target_ids is not None else index,
+        target_logit_ptr=target_logit,
         V=V,
         J=J,
         stride_logits_c=logits.stride(0),
@@ -115,6 +146,7 @@ def teacher_row_stats(logits: Tensor, index: Tensor, *, block_v: int | None = No
         stride_gathered_c=gathered.stride(0),
         BLOCK_V=block_v,
         BLOCK_J=max(triton.next_power_of_2(J), 2),
+        HAS_TARGET=target_ids is not None,
         num_warps=num_warps,
     )
-    return lse, gathered
+    return out
