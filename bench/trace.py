@@ -1,0 +1,136 @@
+"""Instruments for one call of the fused loss, without a GPU: launches, host syncs, bytes, FLOPs, memory.
+
+``trace(fn)`` runs ``fn`` (typically ``sdpo_loss(...).backward()`` on ``meta`` tensors, where the whole host
+orchestration runs and nothing is computed) under a ``TorchDispatchMode`` and ``record_launches()``:
+
+- every aten op that launches a kernel on a GPU (views, allocations and metadata ops do not), with its FLOPs
+  (matmuls) and the bytes it reads and writes;
+- every Triton launch, with the bytes its launcher says the kernel moves (``LaunchRecord.hbm_bytes``);
+- host syncs (``aten._local_scalar_dense``: ``.item()``, ``.tolist()``);
+- the bytes allocated beyond what existed before (fresh op outputs, freed when their tensor dies; a view
+  keeps its base alive), and their peak.
+
+The same trace drives the launch-budget and memory tests and ``bench.cost_model``.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from sdpo_ops.kernels.launch import record_launches
+
+# aten ops that allocate or relabel memory but launch no kernel on a GPU
+_NO_KERNEL = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "lift_fresh",
+    "_local_scalar_dense",
+    "resize_",
+    "set_",
+}
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
+
+
+@dataclass
+class Step:
+    """One kernel of the traced call."""
+
+    name: str  # aten op name or Triton kernel name
+    kind: str  # "aten" or "triton"
+    flops: int
+    bytes: int
+    shapes: tuple  # of the op's tensor outputs (aten) or its grid (triton)
+    phase: str  # "forward" or "backward"
+
+
+@dataclass
+class Trace:
+    steps: list[Step] = field(default_factory=list)
+    host_syncs: int = 0
+    peak_extra_bytes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+
+    def launches(self, phase: str | None = None) -> int:
+        return sum(1 for step in self.steps if phase in (None, step.phase))
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _matmul_flops(name: str, args) -> int:
+    mats = [a for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2][-2:]
+    if len(mats) < 2:
+        return 0
+    (m, k), n = mats[0].shape[-2:], mats[1].shape[-1]
+    batch = math.prod(mats[0].shape[:-2]) if mats[0].dim() > 2 else 1
+    return 2 * batch * m * n * k
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, trace: Trace):
+        super().__init__()
+        self.trace, self.phase = trace, "forward"
+        self.live_bytes = 0
+
+    def _track(self, tensor: torch.Tensor) -> None:
+        size = _nbytes(tensor)
+        self.live_bytes += size
+        peak = self.trace.peak_extra_bytes
+        peak[self.phase] = max(peak[self.phase], self.live_bytes)
+        weakref.finalize(tensor, self._release, size)
+
+    def _release(self, size: int) -> None:
+        self.live_bytes -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
+        inputs = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outputs = [r for r in tree_flatten(result)[0] if isinstance(r, torch.Tensor)]
+        if name == "_local_scalar_dense":
+            self.trace.host_syncs += 1
+        if func.is_view:
+            return result
+        for output in outputs:
+            if not any(output is a for a in inputs):
+                self._track(output)
+        if name in _NO_KERNEL:
+            return result
+        written = [o for o in outputs if not any(o is a for a in inputs)]
+        moved = sum(_nbytes(a) for a in inputs) + sum(_nbytes(o) for o in written)
+        flops = _matmul_flops(name, args) if name in _MATMULS else 0
+        shapes = tuple(tuple(o.shape) for o in outputs)
+        self.trace.steps.append(Step(name, "aten", flops, moved, shapes, self.phase))
+        return result
+
+
+def trace(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None] | None = None) -> Trace:
+    """Trace ``loss = forward()`` and then ``backward(loss)`` (default ``loss.backward()``)."""
+    result = Trace()
+    recorder = _Recorder(result)
+    with record_launches() as launches, recorder:
+        loss = forward()
+        _add_triton_steps(result, launches, "forward")
+        launches.clear()
+        recorder.phase = "backward"
+        recorder.live_bytes = 0  # what forward left alive is counted against forward's peak
+        (backward or (lambda value: value.backward()))(loss)
+        _add_triton_steps(result, launches, "backward")
+    return result
+
+
+def _add_triton_steps(result: Trace, launches, phase: str) -> None:
+    for record in launches:
+        result.steps.append(Step(record.name, "triton", 0, record.hbm_bytes, record.grid, phase))

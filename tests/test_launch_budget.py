@@ -1,0 +1,81 @@
+"""Kernel launches of one call at the SPEC's target shape, counted without a GPU (issue 9, item 2).
+
+The call runs on ``meta`` tensors (``bench.trace``): the host orchestration, the launchers and every aten op
+run as on CUDA, nothing is computed. Counted: aten ops that launch a GPU kernel, and Triton launches. A
+launch costs ~2-5 us; before the row-loss kernel a top-K chunk took ~90 of them.
+"""
+
+import pytest
+import torch
+
+from bench.trace import trace
+from sdpo_ops import sdpo_loss
+from sdpo_ops.chunked import default_chunk_size
+
+N, H, V = 8192, 4096, 151936
+# Per chunk on the CUDA path (issue 9: at most 12); per call: validation, reduction weights, outputs, metrics.
+LAUNCHES_PER_CHUNK = 12
+LAUNCHES_PER_CALL = 24
+
+
+def _inputs(**options):
+    def empty(*shape, dtype=torch.bfloat16, grad=False):
+        return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
+
+    return {
+        "student_hidden": empty(N, H, grad=True),
+        "student_weight": empty(V, H, grad=True),
+        "teacher_hidden": empty(N, H),
+        "teacher_weight": empty(V, H),
+        "target_ids": empty(N, dtype=torch.int64),
+        "old_logprobs": empty(N, dtype=torch.float32),
+        "backend": "triton",
+        **options,
+    }
+
+
+CHUNKS = -(-N // default_chunk_size(N, V, torch.device("meta")))
+MODES = {
+    "top-K, scalar reduction": ({"topk": 100}, None),
+    "top-K 256, no tail, reverse KL": ({"topk": 256, "add_tail": False, "alpha": 1.0}, None),
+    "full vocabulary": ({"topk": None}, None),
+    "reduction='none' (recompute in backward)": (
+        {"topk": 100, "reduction": "none"},
+        lambda loss: loss.sum().backward(),
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_launches_per_chunk_within_budget(mode):
+    options, backward = MODES[mode]
+    traced = trace(lambda: sdpo_loss(**_inputs(**options)), backward)
+    for phase in ("forward", "backward"):
+        launches = traced.launches(phase)
+        assert launches <= LAUNCHES_PER_CHUNK * CHUNKS + LAUNCHES_PER_CALL, f"{phase}: {launches} over {CHUNKS} chunks"
+    # per chunk in forward: student and teacher stats, the row loss (+ the full-vocabulary divergence), and the
+    # logit gradient when it is formed in forward (a scalar reduction); nothing more
+    triton = [step for step in traced.steps if step.kind == "triton" and step.phase == "forward"]
+    per_chunk = 3 + (options["topk"] is None) + (options.get("reduction") != "none")
+    assert len(triton) == per_chunk * CHUNKS
+
+
+def test_target_logprob_gradient_adds_one_recompute_pass():
+    def forward():
+        out = sdpo_loss(**_inputs(topk=100), return_outputs=True)
+        return out.loss + out.target_logprobs.sum()
+
+    traced = trace(forward)
+    backward_triton = [step.name for step in traced.steps if step.kind == "triton" and step.phase == "backward"]
+    assert backward_triton == ["_logit_grad_kernel"] * CHUNKS
+    assert traced.launches("backward") <= LAUNCHES_PER_CHUNK * CHUNKS + LAUNCHES_PER_CALL
+
+
+def test_no_gradient_work_without_a_gradient():
+    inputs = _inputs(topk=100)
+    for name in ("student_hidden", "student_weight"):
+        inputs[name] = inputs[name].detach()
+    with torch.no_grad():
+        traced = trace(lambda: sdpo_loss(**inputs), backward=lambda loss: None)
+    assert not [step for step in traced.steps if step.name == "_logit_grad_kernel"]
+    assert not [step for step in traced.steps if step.flops and step.shapes and step.shapes[0] == (V, H)]
