@@ -39,7 +39,7 @@ _NO_KERNEL = {
     "resize_",
     "set_",
 }
-_MATMULS = {"mm", "addmm", "bmm", "baddbmm"}
+_MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm"}
 
 
 @dataclass
@@ -108,8 +108,11 @@ class _Recorder(TorchDispatchMode):
                 self._track(output)
         if name in _NO_KERNEL:
             return result
-        written = [o for o in outputs if not any(o is a for a in inputs)]
-        moved = sum(_nbytes(a) for a in inputs) + sum(_nbytes(o) for o in written)
+        # read: every distinct input but a pure ``out=`` destination; written: every output (in place included)
+        destinations = [v for k, v in kwargs.items() if k == "out" and isinstance(v, torch.Tensor)]
+        positional = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
+        read = {id(a): a for a in inputs if not any(a is d for d in destinations) or any(a is p for p in positional)}
+        moved = sum(_nbytes(a) for a in read.values()) + sum(_nbytes(o) for o in outputs)
         flops = _matmul_flops(name, args) if name in _MATMULS else 0
         shapes = tuple(tuple(o.shape) for o in outputs)
         self.trace.steps.append(Step(name, "aten", flops, moved, shapes, self.phase))

@@ -36,8 +36,11 @@ from torch import Tensor
 
 from sdpo_ops.row_outputs import RowOutputs
 
-# Bytes of one fp32 [C, V] logits buffer; two are live at once (student and teacher).
-CHUNK_BYTES = {"cuda": 160 * 2**20, "meta": 160 * 2**20, "cpu": 32 * 2**20}
+# Bytes of one fp32 [C, V] logits buffer; two are live at once (student and teacher). On CUDA each chunk's
+# logits GEMM reads the whole [V, H] weight from HBM, so C rows give 2C FLOP per weight byte: C >= ~384
+# stays above the H100's ridge (~255 FLOP/B at 728 TFLOP/s, 2.85 TB/s); 224 MiB gives C = 386 at V=151936,
+# and two buffers plus the dZ staging stay under 1 GiB.
+CHUNK_BYTES = {"cuda": 224 * 2**20, "meta": 224 * 2**20, "cpu": 32 * 2**20}
 # Rows of dZ staged per dW accumulator pass (rounded up to whole chunks). On CUDA the fp32 [V, H] read+write
 # (~5 GB at V=151936, H=4096) costs ~1.5 ms whatever the row count, the GEMM 2*R*V*H FLOP: R >= ~1300 rows
 # keeps it compute-bound. On CPU there is no such cliff: one chunk per pass.
@@ -99,14 +102,15 @@ def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | Non
     return out
 
 
-def _accumulate_weight_grad(accumulator: Tensor, logit_grad: Tensor, hidden: Tensor) -> None:
-    """``accumulator += logit_grad^T @ hidden`` in fp32 (rounding each pass's product to bf16 biases training)."""
+def _accumulate_weight_grad(accumulator: Tensor, logit_grad: Tensor, hidden: Tensor, overwrite: bool) -> None:
+    """``accumulator (+)= logit_grad^T @ hidden`` in fp32 (rounding each pass's product to bf16 biases training);
+    ``overwrite``: the accumulator holds nothing yet (beta = 0 ignores it, NaN included)."""
+    beta = 0.0 if overwrite else 1.0
     if logit_grad.dtype != accumulator.dtype:  # the GEMM dtype on CUDA: bf16 tensor cores, fp32 output
-        torch.addmm(accumulator, logit_grad.t(), hidden, out_dtype=torch.float32, out=accumulator)
-    elif hidden.dtype == accumulator.dtype:
-        accumulator.addmm_(logit_grad.t(), hidden)
+        torch.addmm(accumulator, logit_grad.t(), hidden, beta=beta, out_dtype=torch.float32, out=accumulator)
     else:
-        accumulator.addmm_(logit_grad.t(), hidden.to(accumulator.dtype))
+        operand = hidden if hidden.dtype == accumulator.dtype else hidden.to(accumulator.dtype)
+        accumulator.addmm_(logit_grad.t(), operand, beta=beta)
 
 
 @dataclass
@@ -118,20 +122,25 @@ class _Gradients:
     bias: Tensor | None
 
     @classmethod
-    def allocate(cls, needs: tuple[bool, bool, bool], hidden: Tensor, weight: Tensor) -> _Gradients:
+    def allocate(cls, needs: tuple[bool, bool, bool], hidden: Tensor, weight: Tensor, zero: bool = True) -> _Gradients:
+        """``zero=False`` leaves dW and db unset for a first staging pass that overwrites them (saves a fill
+        pass over the fp32 [V, H])."""
         accumulate = accumulation_dtype(weight.dtype)
+        new = torch.zeros if zero else torch.empty
         return cls(
             torch.zeros_like(hidden) if needs[0] else None,
-            torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if needs[1] else None,
-            torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if needs[2] else None,
+            new(weight.shape, dtype=accumulate, device=weight.device) if needs[1] else None,
+            new(weight.shape[0], dtype=accumulate, device=weight.device) if needs[2] else None,
         )
 
 
 class _StagedGradients:
     """dZ of consecutive chunks staged in the GEMM dtype, turned into dH rows, dW and db one pass at a time."""
 
-    def __init__(self, grads: _Gradients, hidden: Tensor, weight: Tensor, stage_rows: int):
+    def __init__(self, grads: _Gradients, hidden: Tensor, weight: Tensor, stage_rows: int, overwrite: bool = False):
+        """``overwrite``: dW and db hold nothing yet (``_Gradients.allocate(zero=False)``): the first pass sets them."""
         self.grads, self.hidden, self.weight = grads, hidden, weight
+        self.overwrite = overwrite
         gemm_dtype = weight.dtype if _uses_fp32_output_mm(hidden) else accumulation_dtype(weight.dtype)
         self.buffer = torch.empty(stage_rows, weight.shape[0], dtype=gemm_dtype, device=weight.device)
         self.first_row, self.filled = 0, 0
@@ -157,10 +166,13 @@ class _StagedGradients:
             gemm_grad = logit_grad if logit_grad.dtype == self.weight.dtype else logit_grad.to(self.weight.dtype)
             grads.hidden[rows].addmm_(gemm_grad, self.weight)
         if grads.weight is not None:
-            _accumulate_weight_grad(grads.weight, logit_grad, self.hidden[rows])
+            _accumulate_weight_grad(grads.weight, logit_grad, self.hidden[rows], overwrite=self.overwrite)
         if grads.bias is not None:
-            grads.bias.add_(logit_grad.sum(0, dtype=grads.bias.dtype))
-        self.filled = 0
+            if self.overwrite:
+                torch.sum(logit_grad, 0, dtype=grads.bias.dtype, out=grads.bias)
+            else:
+                grads.bias.add_(logit_grad.sum(0, dtype=grads.bias.dtype))
+        self.filled, self.overwrite = 0, False
 
 
 def _scaled(accumulator: Tensor | None, scale: Tensor | None, dtype: torch.dtype, in_place: bool) -> Tensor | None:
@@ -234,9 +246,9 @@ class ChunkedSDPOFunction(torch.autograd.Function):
         outputs = RowOutputs.allocate(num_tokens, topk, dtype, device)
         grads, staged = None, None
         if form_grad_now:
-            grads = _Gradients.allocate(needs_grad, student_hidden, student_weight)
+            grads = _Gradients.allocate(needs_grad, student_hidden, student_weight, zero=False)
             staged = _StagedGradients(
-                grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device)
+                grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device), overwrite=True
             )
 
         for start in range(0, num_tokens, chunk):
