@@ -5,10 +5,11 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
     keys     packed_j = key(z_j) << 32 | (V - 1 - j)   (int64, all distinct)
              ``key`` maps the fp32 bits to an int32 of the same order (negative floats get their 31 low
              bits flipped), so one int64 comparison orders by value, then by *lower* column first.
-    pass 1   over BLOCK_V-wide tiles: the online log-sum-exp
-                 m' = max(m, max_tile z),  s' = s * exp(m - m') + sum_tile exp(z - m')
-             (shift 0 while m' = -inf: -inf tiles and rows stay NaN-free; lse = m + log s), and the max
-             logit of every SUB-wide sub-block, kept in registers ([NB_PAD] fp32, position = block id).
+    pass 1   over BLOCK_V-wide tiles: the online log-sum-exp *per lane*
+                 m' = max(m, z),  s' = s * exp(m - m') + exp(z - m')
+             (shift 0 while m' = -inf: -inf lanes and rows stay NaN-free), reduced across the lanes once at
+             the end (lse = M + log sum s exp(m - M)); and the max logit of every SUB-wide sub-block, stored
+             to a per-row scratch row ([NB_PAD] fp32, position = block id), read back after a barrier.
     select   the K largest sub-blocks by (max, lower block id), found as the top K_PAD (next power of two
              >= max(K, 2)) of their packed keys: the candidates. Every top-K key lies in a candidate: an
              element e of any other block B is beaten by the max element of each of the K candidates
@@ -101,6 +102,7 @@ def _student_row_stats_kernel(
     topk_logits_ptr,
     topk_index_ptr,
     target_logit_ptr,
+    block_max_ptr,
     V,
     K,
     num_candidates,
@@ -124,31 +126,37 @@ def _student_row_stats_kernel(
     offs_v = tl.arange(0, BLOCK_V)
     TILE_BLOCKS: tl.constexpr = BLOCK_V // SUB
 
-    # pass 1: log-sum-exp and the sub-block maxima, [NB_PAD // TILE_BLOCKS, TILE_BLOCKS] (row t: tile t)
-    m = -float("inf")
-    s = 0.0
-    block_max = tl.full([NB_PAD // TILE_BLOCKS, TILE_BLOCKS], -float("inf"), tl.float32)
-    tile_ids = tl.arange(0, NB_PAD // TILE_BLOCKS)[:, None]
+    # pass 1: a per-lane online log-sum-exp (no cross-thread reduction per tile; one at the end) and the max of
+    # every SUB-wide sub-block, stored to a per-row scratch row (no layout conversion into a register array)
+    m = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    offs_tile_blocks = tl.arange(0, TILE_BLOCKS)
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         in_row = cols < V
         z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
 
-        # online log-sum-exp; shift 0 while everything seen is -inf (exp(-inf - -inf) would be NaN)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # shift 0 while a lane has seen only -inf (exp(-inf - -inf) would be NaN)
+        m_new = tl.maximum(m, z)
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        s = s * tl.exp(m - shift) + tl.exp(z - shift)
         m = m_new
 
         if HAS_TOPK:
             tile_max = tl.max(tl.reshape(z, [TILE_BLOCKS, SUB]), axis=1)
-            block_max = tl.where(tile_ids == start // BLOCK_V, tile_max[None, :], block_max)
+            tl.store(block_max_ptr + pid_n * NB_PAD + start // SUB + offs_tile_blocks, tile_max)
 
-    tl.store(lse_ptr + pid_n, m + tl.log(s))
+    row_max = tl.max(m, axis=0)
+    row_shift = tl.where(row_max == -float("inf"), 0.0, row_max)
+    tl.store(lse_ptr + pid_n, row_shift + tl.log(tl.sum(s * tl.exp(m - row_shift), axis=0)))
 
     if HAS_TOPK:
         # the candidate blocks: the K_PAD largest maxima (ties: lower block), descending, [K_PAD // GROUP, GROUP]
-        block_keys = _pack(tl.reshape(block_max, [NB_PAD]), tl.arange(0, NB_PAD), NB_PAD)
+        tl.debug_barrier()  # the scratch row was written by other threads of this program
+        offs_blocks = tl.arange(0, NB_PAD)
+        written = offs_blocks < tl.cdiv(V, BLOCK_V) * TILE_BLOCKS
+        block_max = tl.load(block_max_ptr + pid_n * NB_PAD + offs_blocks, mask=written, other=-float("inf"))
+        block_keys = _pack(block_max, offs_blocks, NB_PAD)
         candidates = _tile_topk(block_keys, LOG_NB_PAD, LOG_K_PAD, 1)
         candidate_blocks = tl.reshape((NB_PAD - 1) - (candidates & 0xFFFFFFFF), [K_PAD // GROUP, GROUP])
         group_ids = tl.arange(0, K_PAD // GROUP)[:, None]
@@ -250,6 +258,8 @@ def student_row_stats(
     lse, topk_logits, topk_index, target_logit = out
     if C == 0:
         return out
+    # per-row sub-block maxima of pass 1 (a few KB per row; pass 2 reads them back)
+    block_max_scratch = torch.empty(C if topk > 0 else 1, nb_pad, dtype=torch.float32, device=logits.device)
 
     launch(
         _student_row_stats_kernel,
@@ -261,6 +271,7 @@ def student_row_stats(
         topk_logits_ptr=topk_logits,
         topk_index_ptr=topk_index,
         target_logit_ptr=target_logit,
+        block_max_ptr=block_max_scratch,
         V=V,
         K=topk,
         num_candidates=min(topk, num_blocks),
