@@ -1,0 +1,464 @@
+"""Compile the Triton kernels exactly as production launches them, for sm_90, without a GPU; report the code.
+
+Every Triton launch of sdpo_ops goes through ``sdpo_ops.kernels.launch.launch``, which hands a
+``LaunchRecord`` (kernel, grid, arguments, num_warps) to ``record_launches()``. On ``meta`` tensors nothing
+runs, so a real-size call is traced here: ``sdpo_loss(..., backend="triton")`` and its backward at N=8192,
+H=4096, V=151936, bf16, for each production mode (``MODES``). Each record is turned into the specialisation
+Triton's JIT would pick for that call on a GPU (``specialise``), every distinct one is compiled once with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` (ptxas ships in the triton wheel), and
+the compiled code is read:
+
+- registers and spills from the cubin's resource usage (``cuobjdump -res-usage``, also in the wheel):
+  ``REG`` is what the driver reports as ``n_regs``; ``LOCAL`` bytes / 4 is what Triton reports as
+  ``n_spills`` (``CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4`` in its driver);
+- the width of each *row access*: a ``tl.load``/``tl.store`` whose pointer is ``<row pointer> + cols``
+  (the kernels' name for the column vector of a row tile; the student's candidate sub-blocks included),
+  read from the PTX instructions that its source line produced (``.loc`` line info), and the count of
+  128-bit global loads (``LDG.E.128``) in the SASS.
+
+Assumption (the only one not read from the call): tensor allocations are 16-byte aligned. The CUDA caching
+allocator hands out 512-byte aligned blocks; a meta tensor's ``data_ptr()`` is its byte offset from an
+aligned base, so views (e.g. ``buffer[:C]``) are specialised on their real offsets.
+
+    python -m bench.compile_report [--modes NAME ...] [--out DIR] [--json]
+    PYTHONPATH=/tmp/triton36 python -m bench.compile_report  # another triton, from
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0  # (torch imports beside it)
+
+Writes ``bench/results/sm90-compile/<triton version>.md``. These are compiler figures, not GPU timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
+
+SM90 = GPUTarget("cuda", 90, 32)
+SHAPE = {"N": 8192, "H": 4096, "V": 151936}
+DTYPE = torch.bfloat16
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / "sm90-compile"
+# A row access: tl.load / tl.store whose pointer is "<row pointer> + cols" (the column vector of a row tile).
+_ROW_ACCESS = re.compile(r"tl\.(load|store)\(\s*(\w+)\s*\+\s*cols\b")
+_PTX_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """One production call: ``sdpo_loss`` keyword arguments and what needs a gradient."""
+
+    name: str
+    loss_kwargs: dict
+    with_targets: bool = True  # target_ids and old_logprobs (the IS correction)
+    hidden_grad: bool = True
+    weight_grad: bool = True
+    target_logprob_grad: bool = False  # backward through return_outputs' target_logprobs too
+    backward: bool = True
+
+
+MODES = (
+    Mode("topk100", dict(topk=100, add_tail=True, alpha=0.5)),  # the official defaults
+    Mode("topk256", dict(topk=256, add_tail=True, alpha=0.5)),
+    Mode("topk20-no-tail", dict(topk=20, add_tail=False, alpha=0.5)),
+    Mode("topk100-alpha0", dict(topk=100, add_tail=True, alpha=0.0)),
+    Mode("topk100-alpha1", dict(topk=100, add_tail=True, alpha=1.0)),
+    Mode("topk100-no-targets", dict(topk=100, add_tail=True, alpha=0.5), with_targets=False),
+    Mode("full-vocab", dict(topk=None, alpha=0.5)),
+    Mode("full-vocab-alpha0", dict(topk=None, alpha=0.0)),
+    Mode("full-vocab-alpha1", dict(topk=None, alpha=1.0)),
+    Mode("reduction-none", dict(topk=100, reduction="none")),  # per-token upstream gradient: recompute path
+    Mode("target-logprob-grad", dict(topk=100, return_outputs=True), target_logprob_grad=True),
+    Mode("frozen-head", dict(topk=100), weight_grad=False),  # no dW
+    Mode("frozen-hidden", dict(topk=100), hidden_grad=False),  # no dH
+    Mode("no-grad", dict(topk=100), hidden_grad=False, weight_grad=False, backward=False),
+)
+
+
+@contextlib.contextmanager
+def _meta_tensors_choose_cuda_configs() -> Iterator[None]:
+    """Inside the block a meta tensor reports ``is_cuda``, so each launcher picks its CUDA tile config.
+
+    The launchers choose (BLOCK_V, num_warps) by ``tensor.is_cuda`` and would otherwise trace the
+    interpreter's config on meta. Once they treat meta as CUDA themselves this is a no-op.
+    """
+    saved = torch.Tensor.__dict__.get("is_cuda")
+    torch.Tensor.is_cuda = property(lambda self: self.device.type in ("cuda", "meta"))
+    try:
+        yield
+    finally:
+        if saved is None:
+            del torch.Tensor.is_cuda  # back to TensorBase's own attribute
+        else:
+            torch.Tensor.is_cuda = saved
+
+
+def trace(mode: Mode) -> list:
+    """The ``LaunchRecord`` of every Triton launch of one forward (+ backward) at ``SHAPE``, on meta tensors."""
+    from sdpo_ops import sdpo_loss
+    from sdpo_ops.kernels.launch import record_launches
+
+    N, H, V = SHAPE["N"], SHAPE["H"], SHAPE["V"]
+
+    def meta(*shape, dtype=DTYPE, grad=False):
+        return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
+
+    student_hidden, student_weight = meta(N, H, grad=mode.hidden_grad), meta(V, H, grad=mode.weight_grad)
+    teacher_hidden, teacher_weight = meta(N, H), meta(V, H)
+    targets = {}
+    if mode.with_targets:
+        targets = dict(target_ids=meta(N, dtype=torch.int64), old_logprobs=meta(N, dtype=torch.float32))
+    grad_context = contextlib.nullcontext() if mode.backward else torch.no_grad()
+    with _meta_tensors_choose_cuda_configs(), record_launches() as records, grad_context:
+        out = sdpo_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, backend="triton",
+            **targets, **mode.loss_kwargs,
+        )  # fmt: skip
+        if mode.backward:
+            loss = out.loss if mode.loss_kwargs.get("return_outputs") else out
+            total = loss.sum()
+            if mode.target_logprob_grad:
+                total = total + out.target_logprobs.sum()
+            total.backward()
+    return list(records)
+
+
+@dataclasses.dataclass(frozen=True)
+class Specialisation:
+    """What ``JITFunction.run`` would compile for one launch: ``ASTSource`` inputs and backend options."""
+
+    kernel: Any  # triton JITFunction
+    signature: dict[str, str]  # parameter -> type ("*bf16", "i32", "i64", "fp32", "constexpr", ...)
+    constexprs: dict[tuple[int, ...], Any]  # parameter path -> value (given constexprs and specialised ints)
+    attrs: dict[tuple[int, ...], Any]  # parameter path -> [["tt.divisibility", 16]] or []
+    options: dict[str, Any]  # the backend's parsed options (num_warps, num_stages, ...)
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+    @property
+    def param_names(self) -> list[str]:
+        return [param.name for param in self.kernel.params]
+
+    def key(self) -> tuple:
+        return (
+            self.name,
+            tuple(self.signature.items()),
+            tuple(sorted((path, repr(value)) for path, value in self.constexprs.items())),
+            tuple(sorted((path, repr(value)) for path, value in self.attrs.items())),
+            self.options["num_warps"],
+        )
+
+    def constexpr_values(self) -> dict[str, Any]:
+        names = self.param_names
+        return {names[path[0]]: value for path, value in self.constexprs.items()}
+
+    def divisible_by_16(self) -> list[str]:
+        names = self.param_names
+        return [names[path[0]] for path, attr in self.attrs.items() if ["tt.divisibility", 16] in attr]
+
+
+def specialise(record, target: GPUTarget = SM90) -> Specialisation:
+    """The specialisation Triton's JIT picks for ``record``'s launch on ``target``, by Triton's own code.
+
+    ``JITFunction.run`` binds the arguments with a binder made by ``create_function_from_signature`` (each
+    non-constexpr argument goes through the C++ ``native_specialize_impl``: dtype of a tensor, 16-byte
+    alignment of its ``data_ptr()``, an int 1 turned into a constexpr, ``% 16 == 0`` into a divisibility
+    attribute, i32 or i64 by value) and turns the result into (signature, constexprs, attrs, options) with
+    ``_pack_args``. Both are called here as ``run`` calls them, with ``target``'s backend instead of the
+    active driver's. The same calls work on triton 3.6, 3.7 and 3.9; what differs between those releases
+    is inside them (3.7 made ``_pack_args`` drop constexpr values from the attrs, 3.7 and 3.9 added the
+    ``instrumentation_mode`` / ``fpsan_homomorphic_casts`` run options, which default when absent, and
+    3.9 keeps keyword-only kernel parameters keyword-only in the binder).
+    """
+    kernel = record.kernel
+    if not isinstance(kernel, JITFunction):
+        raise TypeError(
+            f"{record.name} is a {type(kernel).__name__}, not a JITFunction: the kernels were imported under "
+            "TRITON_INTERPRET=1; run this report in a process without it"
+        )
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = {**record.args, "num_warps": record.num_warps}
+    bound_args, specialization, binder_options = binder(**kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, kwargs, bound_args, specialization, binder_options
+    )
+    return Specialisation(kernel, signature, constexprs, attrs, dict(options.__dict__))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowAccess:
+    """One row access of the kernel source and the global memory instructions its line compiled to."""
+
+    kind: str  # "load" | "store"
+    line: int
+    widths: tuple[int, ...]  # bits per instruction, e.g. (128, 128)
+
+    @property
+    def vectorised(self) -> bool:
+        return bool(self.widths) and all(width == 128 for width in self.widths)
+
+
+@dataclasses.dataclass
+class CompileResult:
+    kernel: str
+    modes: list[str]
+    constexprs: dict[str, Any]
+    divisible_by_16: list[str]
+    signature: dict[str, str]
+    num_warps: int
+    registers: int
+    spills: int  # Triton's n_spills: local memory bytes / 4
+    spill_instructions: int  # STL in the SASS
+    row_accesses: list[RowAccess]
+    sass_ldg: int
+    sass_ldg_128: int
+    compile_seconds: float
+    triton_version: str = triton.__version__
+
+    @property
+    def row_loads(self) -> list[RowAccess]:
+        return [access for access in self.row_accesses if access.kind == "load"]
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["constexprs"] = {name: repr(value) for name, value in self.constexprs.items()}
+        return data
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, local memory bytes) of the cubin's one kernel, from ``cuobjdump -res-usage``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        text = subprocess.run([_tool("cuobjdump"), "-res-usage", file.name], capture_output=True, text=True).stdout
+    match = re.search(r"REG:(\d+).*?LOCAL:(\d+)", text)
+    if match is None:
+        raise RuntimeError(f"no resource usage in cuobjdump's output:\n{text}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        return subprocess.run([_tool("cuobjdump"), "-sass", file.name], capture_output=True, text=True).stdout
+
+
+def _access_bits(modifiers: str) -> int:
+    """Bits moved by one ``ld.global`` / ``st.global`` from its modifiers, e.g. ``.v4.b32`` -> 128."""
+    parts = modifiers.split(".")
+    vector = next((int(part[1:]) for part in parts if re.fullmatch(r"v\d", part)), 1)
+    element = next((int(part[1:]) for part in parts if re.fullmatch(r"[bfsu]\d+", part)), 0)
+    return vector * element
+
+
+def row_accesses(spec: Specialisation, ptx: str) -> list[RowAccess]:
+    """The row accesses of the kernel's source file and the PTX global accesses each one compiled to."""
+    source_file = spec.kernel.fn.__code__.co_filename
+    source_lines = Path(source_file).read_text().splitlines()
+    wanted = {}
+    for number, text in enumerate(source_lines, start=1):
+        match = _ROW_ACCESS.search(text)
+        if match:
+            wanted[number] = match.group(1)
+    file_ids = {
+        int(match.group(1)) for match in re.finditer(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M)
+        if os.path.samefile(match.group(2), source_file)
+    }  # fmt: skip
+    widths: dict[int, list[int]] = {number: [] for number in wanted}
+    current_line = None
+    for text in ptx.splitlines():
+        loc = re.match(r"\s*\.loc\s+(\d+)\s+(\d+)", text)
+        if loc:
+            current_line = int(loc.group(2)) if int(loc.group(1)) in file_ids else None
+            continue
+        access = _PTX_ACCESS.search(text)
+        if access and current_line in wanted and access.group(1) == ("ld" if wanted[current_line] == "load" else "st"):
+            widths[current_line].append(_access_bits(access.group(2)))
+    # lines of other kernels in the same file compile to nothing here: only report what this kernel has
+    return [RowAccess(wanted[number], number, tuple(bits)) for number, bits in widths.items() if bits]
+
+
+def compile_specialisation(spec: Specialisation, modes: list[str]) -> CompileResult:
+    start = time.perf_counter()
+    compiled = triton.compile(
+        ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs), target=SM90, options=spec.options
+    )
+    seconds = time.perf_counter() - start
+    cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
+    registers, local_bytes = _resource_usage(cubin)
+    sass = _sass(cubin)
+    return CompileResult(
+        kernel=spec.name,
+        modes=modes,
+        constexprs=spec.constexpr_values(),
+        divisible_by_16=spec.divisible_by_16(),
+        signature=dict(spec.signature),
+        num_warps=spec.options["num_warps"],
+        registers=registers,
+        spills=local_bytes // 4,
+        spill_instructions=len(re.findall(r"\bSTL\b", sass)),
+        row_accesses=row_accesses(spec, ptx),
+        sass_ldg=len(re.findall(r"\bLDG\b", sass)),
+        sass_ldg_128=len(re.findall(r"\bLDG\.E\.128\b", sass)),
+        compile_seconds=seconds,
+    )
+
+
+def compile_production(modes=MODES, log=None) -> list[CompileResult]:
+    """Trace every mode, specialise every launch, compile each distinct specialisation once."""
+    specs: dict[tuple, tuple[Specialisation, list[str]]] = {}
+    for mode in modes:
+        records = trace(mode)
+        if not records:
+            raise RuntimeError(f"mode {mode.name} launched no Triton kernel")
+        for record in records:
+            spec = specialise(record)
+            specs.setdefault(spec.key(), (spec, []))[1].append(mode.name)
+    results = []
+    # grouped by kernel, in the order the modes first launch them
+    for spec, mode_names in sorted(specs.values(), key=lambda item: item[0].name):
+        result = compile_specialisation(spec, sorted(set(mode_names), key=mode_names.index))
+        if log:
+            log(f"  compiled {result.kernel} ({result.compile_seconds:.1f} s)")
+        results.append(result)
+    return results
+
+
+# constexprs that identify a specialisation to a reader; derived sizes are in the details section
+_KEY_CONSTEXPRS = ("K_PAD", "HAS_TOPK", "HAS_TARGET", "HAS_TEACHER", "ALPHA_MODE", "ADD_TAIL", "HAS_SUPPORT", "HAS_IS")
+
+
+def _summary(result: CompileResult) -> str:
+    shown = [f"{name}={value}" for name, value in result.constexprs.items() if name in _KEY_CONSTEXPRS]
+    block = [f"{name}={value}" for name, value in result.constexprs.items() if name.startswith("BLOCK")]
+    # a pointer off 16 bytes (a view at an odd offset, e.g. chunk rows of an [N] output) is a specialisation
+    # of its own: one more JIT compile on the GPU, and no vector access through it
+    unaligned = [
+        name for name, kind in result.signature.items() if kind.startswith("*") and name not in result.divisible_by_16
+    ]
+    return ", ".join(shown + block + ([f"not 16-B aligned: {', '.join(unaligned)}"] if unaligned else []))
+
+
+def _source_state() -> str:
+    """The commit the kernels were read from, and whether sdpo_ops had uncommitted edits."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True).stdout
+
+    commit = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    dirty = git("status", "--porcelain", "--", "sdpo_ops").rstrip("\n")  # lines "XY path": keep the X column
+    return f"commit {commit}" + (
+        f", with uncommitted edits in: {' '.join(line[3:] for line in dirty.splitlines())}" if dirty else ""
+    )
+
+
+def _row_access_text(accesses: list[RowAccess], kind: str) -> str:
+    chosen = [access for access in accesses if access.kind == kind]
+    if not chosen:
+        return "-"
+    return "; ".join(f"L{access.line}: " + "/".join(str(width) for width in access.widths) for access in chosen)
+
+
+def markdown(results: list[CompileResult]) -> str:
+    version = triton.__version__
+    lines = [
+        f"# sm_90 compile of the production specialisations (triton {version})",
+        "",
+        f"`python -m bench.compile_report` with triton {version}, torch {torch.__version__}: every Triton launch "
+        f'of `sdpo_loss(..., backend="triton")` and its backward traced on meta tensors at N={SHAPE["N"]}, '
+        f"H={SHAPE['H']}, V={SHAPE['V']}, bf16, specialised by Triton's own JIT code (16-byte aligned "
+        'allocations assumed) and compiled for `GPUTarget("cuda", 90, 32)` with the wheel\'s ptxas. '
+        f"Compiler figures, not GPU measurements. Kernels of {_source_state()}.",
+        "",
+        "- registers: `REG` of `cuobjdump -res-usage` (the driver's `n_regs`); spills: `LOCAL` bytes / 4 "
+        "(Triton's `n_spills`), STL: spill stores in the SASS;",
+        "- row loads / stores: bits per PTX global access compiled from each source line that reads or writes "
+        "`<row pointer> + cols` (L = line in the kernel's file; 128 = vectorised); LDG.E.128: 128-bit global "
+        "loads of all LDG in the SASS.",
+        "",
+        "| kernel | specialisation | modes | warps | registers | spills | STL | row loads (bits) | "
+        "row stores (bits) | LDG.E.128 / LDG | triton |",
+        "|---|---|---|---:|---:|---:|---:|---|---|---:|---|",
+    ]
+    for result in results:
+        lines.append(
+            f"| {result.kernel} | {_summary(result)} | {', '.join(result.modes)} | {result.num_warps} | "
+            f"{result.registers} | {result.spills} | {result.spill_instructions} | "
+            f"{_row_access_text(result.row_accesses, 'load')} | {_row_access_text(result.row_accesses, 'store')} | "
+            f"{result.sass_ldg_128} / {result.sass_ldg} | {version} |"
+        )
+    lines += ["", "## Specialisations in full", ""]
+    for number, result in enumerate(results, start=1):
+        signature = ", ".join(
+            f"{name}: {kind}{' (div 16)' if name in result.divisible_by_16 else ''}"
+            for name, kind in result.signature.items()
+            if kind != "constexpr"
+        )
+        constexprs = ", ".join(f"{name}={value}" for name, value in result.constexprs.items())
+        lines += [f"{number}. `{result.kernel}`, num_warps={result.num_warps}: {signature}; constexpr: {constexprs}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modes", nargs="*", help=f"a subset of {[mode.name for mode in MODES]}")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for <triton version>.md")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of the table")
+    args = parser.parse_args(argv)
+    # Triton decides between compiling and interpreting when a kernel is *defined*, and sdpo_ops.kernels is
+    # imported lazily (in trace): without the variable from here on they compile (specialise checks it).
+    os.environ.pop("TRITON_INTERPRET", None)
+    if not (Path(triton.__file__).parent / "backends" / "nvidia").is_dir():
+        print("triton.backends.nvidia is missing: nothing to compile for sm_90", file=sys.stderr)
+        return 2
+    modes = MODES
+    if args.modes:
+        unknown = set(args.modes) - {mode.name for mode in MODES}
+        if unknown:
+            parser.error(f"unknown modes {sorted(unknown)}")
+        modes = tuple(mode for mode in MODES if mode.name in args.modes)
+    log = None if args.json else (lambda message: print(message, file=sys.stderr))
+    results = compile_production(modes, log=log)
+    text = markdown(results)
+    if args.json:
+        report = {
+            "triton": triton.__version__,
+            "modes": [mode.name for mode in modes],
+            "results": [result.to_json() for result in results],
+        }
+        print(json.dumps(report))
+    else:
+        print(text)
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{triton.__version__}.md").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
