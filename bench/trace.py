@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from sdpo_ops.kernels.launch import record_launches
+from sdpo_ops.kernels.launch import LaunchRecord, on_launch
 
 # aten ops that allocate or relabel memory but launch no kernel on a GPU
 _NO_KERNEL = {
@@ -123,17 +123,14 @@ def trace(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor]
     """Trace ``loss = forward()`` and then ``backward(loss)`` (default ``loss.backward()``)."""
     result = Trace()
     recorder = _Recorder(result)
-    with record_launches() as launches, recorder:
+
+    def add_triton_step(record: LaunchRecord) -> None:
+        # keep numbers only: holding the record would keep its tensors alive and inflate the memory peak
+        result.steps.append(Step(record.name, "triton", 0, record.hbm_bytes, record.grid, recorder.phase))
+
+    with on_launch(add_triton_step), recorder:
         loss = forward()
-        _add_triton_steps(result, launches, "forward")
-        launches.clear()
         recorder.phase = "backward"
         recorder.live_bytes = 0  # what forward left alive is counted against forward's peak
         (backward or (lambda value: value.backward()))(loss)
-        _add_triton_steps(result, launches, "backward")
     return result
-
-
-def _add_triton_steps(result: Trace, launches, phase: str) -> None:
-    for record in launches:
-        result.steps.append(Step(record.name, "triton", 0, record.hbm_bytes, record.grid, phase))

@@ -59,6 +59,18 @@ class FusedOptions:
     chunk_size: int
     grad_in_forward: bool
     stage_rows: int = 0  # rows of dZ per dW pass; 0 = the device default
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+
+    @property
+    def grad_scale(self) -> float:
+        """dz/d(raw head output) without a softcap, and its factor before ``1 - (z / softcap_bound)^2`` with one."""
+        return self.logit_scale / self.temperature
+
+    @property
+    def softcap_bound(self) -> float | None:
+        """``|z| < softcap / T``: the softcapped logits' bound, from which ``tanh`` is recovered as ``z / bound``."""
+        return None if self.logit_softcap is None else self.logit_softcap / self.temperature
 
 
 def default_chunk_size(num_tokens: int, vocab: int, device: torch.device) -> int:
@@ -83,22 +95,28 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, inv_temperature: float) -> Tensor:
-    """``out[:C] = (hidden @ weight^T + bias) * inv_temperature`` in fp32, without a bf16 ``[C, V]`` copy."""
+def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, options: FusedOptions) -> Tensor:
+    """``out[:C] = z`` in fp32 (without a bf16 ``[C, V]`` copy): ``y = (hidden @ weight^T + bias) * logit_scale``,
+    ``y = softcap * tanh(y / softcap)`` when set, ``z = y / T``. The linear part runs in the GEMM's epilogue
+    where the dtypes allow; a softcap costs a ``tanh_`` and a ``mul_`` over the chunk."""
     out = out[: hidden.shape[0]]
+    softcap = options.logit_softcap
+    linear = options.logit_scale / (options.temperature if softcap is None else softcap)
     if hidden.dtype == out.dtype:
-        # one GEMM with bias and temperature in its epilogue (beta = 0 ignores the old contents, NaN included)
+        # one GEMM with bias and scale in its epilogue (beta = 0 ignores the old contents, NaN included)
         source = out if bias is None else bias
-        beta = 0.0 if bias is None else inv_temperature
-        return torch.addmm(source, hidden, weight.t(), beta=beta, alpha=inv_temperature, out=out)
-    if _uses_fp32_output_mm(hidden):
-        torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+        torch.addmm(source, hidden, weight.t(), beta=0.0 if bias is None else linear, alpha=linear, out=out)
     else:
-        out.copy_(torch.mm(hidden, weight.t()))
-    if bias is not None:
-        out.add_(bias)
-    if inv_temperature != 1.0:
-        out.mul_(inv_temperature)
+        if _uses_fp32_output_mm(hidden):
+            torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+        else:
+            out.copy_(torch.mm(hidden, weight.t()))
+        if bias is not None:
+            out.add_(bias)
+        if linear != 1.0:
+            out.mul_(linear)
+    if softcap is not None:
+        out.tanh_().mul_(softcap / options.temperature)
     return out
 
 
@@ -230,7 +248,6 @@ class ChunkedSDPOFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
         device = student_hidden.device
-        inv_temperature = 1.0 / options.temperature
         topk = options.topk or 0
         needs_grad = tuple(ctx.needs_input_grad[:3])
         form_grad_now = options.grad_in_forward and any(needs_grad)
@@ -256,12 +273,12 @@ class ChunkedSDPOFunction(torch.autograd.Function):
             count = rows.stop - rows.start
             chunk_out = outputs.rows(rows)
             targets = None if target_ids is None else target_ids[rows]
-            zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, inv_temperature)
+            zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, options)
             s_topk, s_target = student_topk[:count], student_target[:count]
             row_ops.student_row_stats(
                 zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target)
             )
-            zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, inv_temperature)
+            zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, options)
             t_topk, t_target = teacher_topk[:count], teacher_target[:count]
             row_ops.teacher_row_stats(zt, chunk_out.topk_index, targets, out=(chunk_out.teacher_lse, t_topk, t_target))
             if options.topk is None:
@@ -286,7 +303,8 @@ class ChunkedSDPOFunction(torch.autograd.Function):
                 teacher = (zt, chunk_out.teacher_lse, options.alpha) if options.topk is None else None
                 row_ops.logit_grad(
                     zs, chunk_out.student_lse, chunk_out.row_scale, chunk_out.dense_grad, chunk_out.topk_index,
-                    chunk_out.sparse_grad, None, None, inv_temperature, teacher, out=staged.slot(rows),
+                    chunk_out.sparse_grad, None, None, options.grad_scale, teacher, out=staged.slot(rows),
+                    softcap_bound=options.softcap_bound,
                 )  # fmt: skip
         if staged is not None:
             staged.flush()
@@ -378,7 +396,6 @@ def _recompute_pass(
     target_ids = saved.target_ids
     num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
     device = student_hidden.device
-    inv_temperature = 1.0 / options.temperature
     chunk = options.chunk_size
     dtype = accumulation_dtype(student_hidden.dtype)
     student_buffer = torch.empty(min(chunk, num_tokens), vocab, dtype=dtype, device=device)
@@ -391,15 +408,16 @@ def _recompute_pass(
     staged = _StagedGradients(grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device))
     for start in range(0, num_tokens, chunk):
         rows = slice(start, min(start + chunk, num_tokens))
-        zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, inv_temperature)
+        zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, options)
         teacher = None
         if teacher_buffer is not None:
-            zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, inv_temperature)
+            zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, options)
             teacher = (zt, saved.teacher_lse[rows], options.alpha)
         has_target = target_scale is not None
         row_ops.logit_grad(
             zs, saved.student_lse[rows], loss_scale[rows], saved.dense_grad[rows], saved.topk_index[rows],
             saved.sparse_grad[rows], target_ids[rows] if has_target else None,
-            target_scale[rows] if has_target else None, inv_temperature, teacher, out=staged.slot(rows),
+            target_scale[rows] if has_target else None, options.grad_scale, teacher, out=staged.slot(rows),
+            softcap_bound=options.softcap_bound,
         )  # fmt: skip
     staged.flush()

@@ -12,6 +12,7 @@ Backends share one contract (SPEC section 3):
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from typing import NamedTuple
 
@@ -78,6 +79,16 @@ def _checked_per_token_inputs(
         _check_per_token(name, value, leading_shape, device)
     mask = per_token["mask"]
     return (torch.ones(leading_shape, device=device, dtype=dtype) if mask is None else mask.to(dtype)).detach()
+
+
+def _check_logit_transform(logit_scale, logit_softcap) -> None:
+    for name, value in (("logit_scale", logit_scale), ("logit_softcap", logit_softcap)):
+        if value is None and name == "logit_softcap":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float{' or None' if name == 'logit_softcap' else ''}, got {value!r}")
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be finite and > 0, got {value}")
 
 
 def _check_options(*, vocab: int, topk, alpha, is_clip, temperature, reduction, normalizer, backend) -> None:
@@ -203,6 +214,8 @@ def sdpo_loss(
     reduction: str = "token-mean",
     normalizer: Tensor | float | None = None,
     token_weights: Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     backend: str = "auto",
     return_outputs: bool = False,
     chunk_size: int | None = None,
@@ -230,14 +243,17 @@ def sdpo_loss(
         add_tail: append the tail bin (top-K only); otherwise renormalise the K log-probs.
         alpha: 0 = KL(teacher || student), 1 = KL(student || teacher), between = generalised JSD.
         is_clip: clip of the importance weight ``exp(logp - old_logprobs)``; None disables IS.
-        temperature: both models' logits are divided by it.
+        temperature: both models' logits are divided by it (after the logit transform).
         reduction: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "sum" | "none".
         normalizer: replaces the outer denominator of the mean reductions (token count or sequence count),
             e.g. TRL's ``num_items_in_batch``.
         token_weights: [N] or [B, T], extra detached per-token weights.
+        logit_scale, logit_softcap: heads that are not ``h W^T + b`` (Cohere, Granite, Gemma 2), for student
+            and teacher alike, in TRL's order: ``y = (h W^T + b) * logit_scale``, then
+            ``y = logit_softcap * tanh(y / logit_softcap)`` when set, then ``z = y / temperature``.
         backend: "auto" | "triton" | "torch" | "reference".
         return_outputs: return an :class:`SDPOOutput` instead of the loss tensor.
-        chunk_size: token rows per chunk (default: a ``[C, V]`` fp32 buffer of 32 MiB on CPU, 256 MiB on GPU).
+        chunk_size: token rows per chunk (default: a ``[C, V]`` fp32 buffer of 32 MiB on CPU, 224 MiB on GPU).
 
     Returns:
         The loss (0-dim, or per-token for ``reduction="none"``), or an :class:`SDPOOutput`.
@@ -282,6 +298,7 @@ def sdpo_loss(
         normalizer=normalizer,
         backend=backend,
     )
+    _check_logit_transform(logit_scale, logit_softcap)
     _check_targets(target_ids, old_logprobs, vocab)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -309,6 +326,8 @@ def sdpo_loss(
             reduction=reduction,
             normalizer=normalizer,
             token_weights=token_weights,
+            logit_scale=float(logit_scale),
+            logit_softcap=None if logit_softcap is None else float(logit_softcap),
         )
         return _package(result, return_outputs, target_ids, is_clip, float_mask)
 
@@ -330,6 +349,8 @@ def sdpo_loss(
         temperature=float(temperature),
         grad_in_forward=grad_in_forward,
         chunk_size=chunk_size or default_chunk_size(num_tokens, vocab, device),
+        logit_scale=float(logit_scale),
+        logit_softcap=None if logit_softcap is None else float(logit_softcap),
     )
     use_is = old_logprobs is not None and is_clip is not None
     loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, divergence = ChunkedSDPOFunction.apply(
@@ -389,12 +410,16 @@ def sdpo_loss_from_logits(
     reduction: str = "token-mean",
     normalizer: Tensor | float | None = None,
     token_weights: Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
     return_outputs: bool = False,
 ) -> Tensor | SDPOOutput:
     """SDPO loss on already-materialised logits (``[N, V]`` or ``[B, T, V]``, student with gradient).
 
-    For callers that have the logits anyway (small vocabularies, other frameworks). Same options and
-    validation as :func:`sdpo_loss`; computes exactly ``sdpo_ops.reference.sdpo_loss_reference_from_logits``.
+    For callers that have the logits anyway (small vocabularies, other frameworks). The logits are the raw
+    head outputs: ``logit_scale`` / ``logit_softcap`` / ``temperature`` are applied here, as in
+    :func:`sdpo_loss`. Same options and validation; computes exactly
+    ``sdpo_ops.reference.sdpo_loss_reference_from_logits``.
     """
     if not isinstance(student_logits, Tensor):
         raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
@@ -422,6 +447,7 @@ def sdpo_loss_from_logits(
         normalizer=normalizer,
         backend="reference",
     )
+    _check_logit_transform(logit_scale, logit_softcap)
     _check_targets(target_ids, old_logprobs, vocab)
     result = sdpo_loss_reference_from_logits(
         student_logits,
@@ -437,6 +463,8 @@ def sdpo_loss_from_logits(
         reduction=reduction,
         normalizer=normalizer,
         token_weights=token_weights,
+        logit_scale=float(logit_scale),
+        logit_softcap=None if logit_softcap is None else float(logit_softcap),
     )
     return _package(result, return_outputs, target_ids, is_clip, float_mask)
 

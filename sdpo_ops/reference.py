@@ -57,6 +57,17 @@ def _append_tail(support_logp: Tensor) -> Tensor:
     return torch.cat([support_logp, tail], dim=-1)
 
 
+def transform_logits(
+    raw_logits: Tensor, *, logit_scale: float = 1.0, logit_softcap: float | None = None, temperature: float = 1.0
+) -> Tensor:
+    """The head's output as the loss sees it, in TRL's order (``trl/kernels``, ``_torch_transform``):
+    ``y = raw * logit_scale``; ``y = logit_softcap * tanh(y / logit_softcap)`` when set; ``z = y / temperature``."""
+    y = _at_least_fp32(raw_logits) * logit_scale
+    if logit_softcap is not None:
+        y = logit_softcap * torch.tanh(y / logit_softcap)
+    return y / temperature
+
+
 def per_token_divergence(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -65,14 +76,17 @@ def per_token_divergence(
     add_tail: bool,
     alpha: float,
     temperature: float,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Divergence per row of ``[N, V]`` logits.
+    """Divergence per row of ``[N, V]`` raw head outputs (``transform_logits`` first).
 
     Returns ``(divergence [N], student_logp [N, V], topk_mass [N])``; ``topk_mass`` is the student's
     probability captured by the top-K (1 for the full vocabulary).
     """
-    student_logp = torch.log_softmax(_at_least_fp32(student_logits) / temperature, dim=-1)
-    teacher_logp = torch.log_softmax(_at_least_fp32(teacher_logits) / temperature, dim=-1)
+    transform = {"logit_scale": logit_scale, "logit_softcap": logit_softcap, "temperature": temperature}
+    student_logp = torch.log_softmax(transform_logits(student_logits, **transform), dim=-1)
+    teacher_logp = torch.log_softmax(transform_logits(teacher_logits, **transform), dim=-1)
     if topk is None:
         student_support, teacher_support = student_logp, teacher_logp
         topk_mass = torch.ones(student_logp.shape[:-1], device=student_logp.device, dtype=student_logp.dtype)
@@ -138,8 +152,10 @@ def sdpo_loss_reference_from_logits(
     reduction: str = "token-mean",
     normalizer: Tensor | float | None = None,
     token_weights: Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
 ) -> dict[str, Tensor | None]:
-    """Naive SDPO loss on ``[..., V]`` logits (student and teacher), every intermediate materialised.
+    """Naive SDPO loss on ``[..., V]`` raw head outputs (student and teacher), every intermediate materialised.
 
     Returns a dict with ``loss`` (reduced as asked), ``per_token_loss`` (``[...]``, before the reduction,
     masked, detached), ``target_logprobs`` (``[...]``, with gradient;
@@ -155,13 +171,21 @@ def sdpo_loss_reference_from_logits(
         add_tail=add_tail,
         alpha=alpha,
         temperature=temperature,
+        logit_scale=logit_scale,
+        logit_softcap=logit_softcap,
     )
     per_token = divergence
     target_logprobs = teacher_target_logprobs = is_weight = None
     if target_ids is not None:
         target_index = target_ids.reshape(-1, 1).long()
         target_logprobs = student_logp.gather(-1, target_index).squeeze(-1)
-        teacher_logp = torch.log_softmax(_at_least_fp32(teacher_logits.detach()).reshape(-1, vocab) / temperature, -1)
+        teacher_z = transform_logits(
+            teacher_logits.detach().reshape(-1, vocab),
+            logit_scale=logit_scale,
+            logit_softcap=logit_softcap,
+            temperature=temperature,
+        )
+        teacher_logp = torch.log_softmax(teacher_z, -1)
         teacher_target_logprobs = teacher_logp.gather(-1, target_index).squeeze(-1)
     if old_logprobs is not None and is_clip is not None:
         is_weight = importance_weight(target_logprobs, old_logprobs.reshape(-1), is_clip)

@@ -149,13 +149,15 @@ def logit_grad(
     teacher: tuple[Tensor, Tensor, float] | None = None,
     *,
     out: Tensor,
+    softcap_bound: float | None = None,
 ) -> Tensor:
-    """The gradient of the loss w.r.t. the raw student logits of one chunk, written into ``out``.
+    """The gradient of the loss w.r.t. the raw student head outputs of one chunk, written into ``out``.
 
     Per row, with ``r = row_scale``, ``c = target_scale`` (0 without it) and ``S = softmax(z)``:
     ``dz_j = scale * (r g_j - S_j (r dense + c) + r sparse_k [j = index_k] + c [j = target])``; the elementwise
     ``g_j = dD/ds_j`` exists only in full-vocabulary mode (``teacher = (teacher_logits [C, V], teacher_lse [C],
-    alpha)``); ``scale`` is ``1 / temperature``. Rows with ``r = 0`` and ``c = 0`` are exact zeros.
+    alpha)``); ``scale`` is ``logit_scale / temperature``, times ``1 - (z_j / softcap_bound)^2`` when the logits
+    were softcapped (``z = bound * tanh(...)``). Rows with ``r = 0`` and ``c = 0`` are exact zeros.
     Deterministic: a column listed twice (the target among the top-K) gets its terms summed before one write.
 
     Args:
@@ -182,5 +184,8 @@ def logit_grad(
         grad.add_(divergence_grad.mul_(torch.where(has_divergence, row_scale, 0.0)[:, None]))
     merged = ((index[:, :, None] == index[:, None, :]) * sparse[:, None, :]).sum(-1)
     grad.scatter_(1, index, grad.gather(1, index) + merged)
-    out.copy_(torch.where(live[:, None], grad * scale, 0.0))
+    grad.mul_(scale)
+    if softcap_bound is not None:
+        grad.mul_(1.0 - (student_logits / softcap_bound).square())
+    out.copy_(torch.where(live[:, None], grad, 0.0))
     return out

@@ -13,7 +13,7 @@ allocation tracker and the cost model (``bench.cost_model``) see a real-size cal
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,18 +33,26 @@ class LaunchRecord:
         return self.kernel.__name__
 
 
-_active_recorders: list[list[LaunchRecord]] = []
+_listeners: list[Callable[[LaunchRecord], None]] = []
+
+
+@contextlib.contextmanager
+def on_launch(listener: Callable[[LaunchRecord], None]) -> Iterator[None]:
+    """Call ``listener(record)`` at every Triton launch made inside the block."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
 
 
 @contextlib.contextmanager
 def record_launches() -> Iterator[list[LaunchRecord]]:
-    """Collect the ``LaunchRecord`` of every Triton launch made inside the block."""
+    """Collect the ``LaunchRecord`` of every Triton launch made inside the block (they keep their tensors
+    alive: a memory instrument should listen with ``on_launch`` instead)."""
     records: list[LaunchRecord] = []
-    _active_recorders.append(records)
-    try:
+    with on_launch(records.append):
         yield records
-    finally:
-        _active_recorders.remove(records)
 
 
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
@@ -55,8 +63,8 @@ def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
 def launch(kernel, grid: tuple[int, ...], *, hbm_bytes: int, num_warps: int, **args) -> None:
     device = next(value.device for value in args.values() if isinstance(value, torch.Tensor))
     record = LaunchRecord(kernel, tuple(grid), args, num_warps, int(hbm_bytes))
-    for records in _active_recorders:
-        records.append(record)
+    for listener in _listeners:
+        listener(record)
     if device.type == "meta":
         return
     with device_guard(device):

@@ -5,6 +5,8 @@ target term's upstream gradient ``c`` (``target_scale``, only when the target lo
 
     dz_j = scale * (r * g_j - S_j * (r * dense + c) + r * sparse_k [j = index_k] + c [j = target])
 
+(times ``1 - (z_j / bound)^2`` for softcapped logits ``z = bound * tanh(...)``: the chain rule back to the
+raw head output, with ``scale = logit_scale / temperature``)
 with the elementwise ``g_j = dD/ds_j`` only in full-vocabulary mode (HAS_TEACHER: the teacher row is read
 and ``g_j`` recomputed by ``full_vocab_divergence._gjsd_terms``, the forward's own Triton math). A row
 with ``r = 0`` and ``c = 0`` (masked) is written as exact zeros, whatever its logits hold.
@@ -47,6 +49,16 @@ def _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, divergence_sca
 
 
 @triton.jit
+def _chain_to_raw(dz, z, scale, inv_softcap_bound, HAS_SOFTCAP: tl.constexpr):
+    """dL/d(raw head output) from dL/dz: ``scale = logit_scale / T``, times ``1 - tanh^2 = 1 - (z / bound)^2``
+    when the logits were softcapped."""
+    if HAS_SOFTCAP:
+        tanh = z * inv_softcap_bound
+        return dz * (scale * (1.0 - tanh * tanh))
+    return dz * scale
+
+
+@triton.jit
 def _logit_grad_kernel(
     logits_ptr,
     out_ptr,
@@ -62,6 +74,7 @@ def _logit_grad_kernel(
     V,
     K,
     scale,
+    inv_softcap_bound,
     alpha,
     log_one_minus_alpha,
     log_alpha,
@@ -72,6 +85,7 @@ def _logit_grad_kernel(
     stride_sparse_grad_c,
     HAS_TEACHER: tl.constexpr,
     HAS_TARGET: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     ALPHA_MODE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -102,7 +116,7 @@ def _logit_grad_kernel(
         u = tl.load(teacher_row + cols, mask=in_row, other=-float("inf")).to(tl.float32) if HAS_TEACHER else z
         dz = _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, row_scale, alpha, log_one_minus_alpha,
                                log_alpha, HAS_TEACHER, ALPHA_MODE)  # fmt: skip
-        dz = tl.where(live, dz * scale, 0.0)
+        dz = tl.where(live, _chain_to_raw(dz, z, scale, inv_softcap_bound, HAS_SOFTCAP), 0.0)
         tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=in_row)
 
     tl.debug_barrier()
@@ -118,7 +132,8 @@ def _logit_grad_kernel(
     u = tl.load(teacher_row + index, mask=in_k, other=0.0).to(tl.float32) if HAS_TEACHER else z
     dz = _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, row_scale, alpha, log_one_minus_alpha,
                            log_alpha, HAS_TEACHER, ALPHA_MODE) + sparse  # fmt: skip
-    tl.store(out_row + index, tl.where(live, dz * scale, 0.0).to(out_ptr.dtype.element_ty), mask=in_k)
+    dz = tl.where(live, _chain_to_raw(dz, z, scale, inv_softcap_bound, HAS_SOFTCAP), 0.0)
+    tl.store(out_row + index, dz.to(out_ptr.dtype.element_ty), mask=in_k)
     if HAS_TARGET:
         # the target column, unless a top-K entry above already carried its term
         target_outside_topk = tl.sum(is_target.to(tl.int32), axis=0) == 0
@@ -126,7 +141,7 @@ def _logit_grad_kernel(
         u_t = tl.load(teacher_row + target).to(tl.float32) if HAS_TEACHER else z_t
         dz_t = _dense_logit_grad(z_t, student_lse, dense_coef, u_t, teacher_lse, row_scale, alpha,
                                  log_one_minus_alpha, log_alpha, HAS_TEACHER, ALPHA_MODE) + target_scale  # fmt: skip
-        dz_t = tl.where(live, dz_t * scale, 0.0)
+        dz_t = tl.where(live, _chain_to_raw(dz_t, z_t, scale, inv_softcap_bound, HAS_SOFTCAP), 0.0)
         tl.store(out_row + target, dz_t.to(out_ptr.dtype.element_ty), mask=target_outside_topk & live)
 
 
@@ -143,6 +158,7 @@ def logit_grad(
     teacher: tuple[Tensor, Tensor, float] | None = None,
     *,
     out: Tensor,
+    softcap_bound: float | None = None,
     block_v: int | None = None,
 ) -> Tensor:
     """dLoss/d(raw student logits) of one chunk into ``out`` (Triton; see the module docstring).
@@ -153,9 +169,11 @@ def logit_grad(
         student_logits: [C, V] fp32, the chunk's logits divided by the temperature (read only).
         student_lse, row_scale, dense_grad: [C]; topk_index: [C, K] int64 (distinct per row); sparse_grad: [C, K].
         target_ids, target_scale: [C] (int64, fp32), or both None: the target log-prob term.
-        scale: ``1 / temperature``.
+        scale: ``logit_scale / temperature``: dz/d(raw head output) without a softcap.
         teacher: ``(teacher_logits [C, V], teacher_lse [C], alpha)`` in full-vocabulary mode, else None.
         out: [C, V] floating (fp32, or the GEMM dtype), written and returned.
+        softcap_bound: ``softcap / temperature`` when the logits were softcapped (the gradient gains the factor
+            ``1 - (z / softcap_bound)^2``), else None.
         block_v: tile width override (a power of two), for tests and tuning.
     """
     if student_logits.dim() != 2 or not student_logits.is_floating_point():
@@ -205,6 +223,12 @@ def logit_grad(
     block_v = min(block_v, triton.next_power_of_2(V))
     if C == 0:
         return out
+    # the kernel reads per-row vectors with unit stride (an upstream gradient may be an expanded 0-stride view)
+    student_lse, row_scale, dense_grad, teacher_lse = (
+        x.contiguous() for x in (student_lse, row_scale, dense_grad, teacher_lse)
+    )
+    if target_ids is not None:
+        target_ids, target_scale = target_ids.contiguous(), target_scale.contiguous()
     K = topk_index.shape[1]
     has_target = target_ids is not None
     reads = student_logits.element_size() * (2 if teacher is not None else 1)
@@ -227,6 +251,7 @@ def logit_grad(
         V=V,
         K=K,
         scale=float(scale),
+        inv_softcap_bound=0.0 if softcap_bound is None else 1.0 / softcap_bound,
         stride_logits_c=student_logits.stride(0),
         stride_out_c=out.stride(0),
         stride_teacher_c=teacher_logits.stride(0),
@@ -234,6 +259,7 @@ def logit_grad(
         stride_sparse_grad_c=sparse_grad.stride(0),
         HAS_TEACHER=teacher is not None,
         HAS_TARGET=has_target,
+        HAS_SOFTCAP=softcap_bound is not None,
         **gjsd_launch_args(alpha),
         BLOCK_V=block_v,
         BLOCK_K=max(triton.next_power_of_2(K), 2),

@@ -196,6 +196,14 @@ def row_loss_(
     has_is = old_logprobs is not None and is_clip is not None
     if C == 0:
         return
+    # the kernel reads per-row vectors with unit stride (a caller's tensor may be a strided view)
+    row_weight = row_weight.contiguous()
+    old_logprobs = None if old_logprobs is None else old_logprobs.contiguous()
+    if has_target:
+        student_target_logit, teacher_target_logit = (
+            student_target_logit.contiguous(),
+            teacher_target_logit.contiguous(),
+        )
     placeholder = rows.loss  # never read: its constexpr flag compiles the read away
     num_warps = _NUM_WARPS["cuda" if rows.loss.is_cuda else "interpret"]
     launch(
