@@ -23,6 +23,12 @@ a bias, +2 for a temperature != 1 in bf16), plus 2-3 per staging flush; ``tests/
 holds it to that. ``row_ops`` is ``sdpo_ops.row_ops`` (torch) or ``sdpo_ops.kernels.row_ops`` (Triton): the
 same host orchestration runs on CPU tests and on the GPU. On ``meta`` tensors the whole call runs as a dry
 run (shapes, allocations and launches only), which the cost model and the memory tests use.
+
+A teacher given as its top-K log-probs and ids (``TeacherTopKSDPOFunction``, SPEC 3.2: a served or cached teacher)
+runs the same loop with steps 1-2 replaced by one stage on the student's buffer: ``teacher_row_stats(zs, ids)``
+gives the student's log-sum-exp and its logits at the teacher's ids and at the target; ``row_loss_`` then reads
+the teacher's log-probs with a teacher log-sum-exp of 0, and ``logit_grad`` scatters at the teacher's ids.
+3 GEMM-equivalents and 3 row kernels per chunk; backward is shared.
 """
 
 from __future__ import annotations
@@ -211,16 +217,223 @@ class _SavedForBackward(NamedTuple):
     student_hidden: Tensor  # [N, H]
     student_weight: Tensor  # [V, H]
     student_bias: Tensor | None  # [V]
-    teacher_hidden: Tensor  # [N, Ht]
-    teacher_weight: Tensor  # [V, Ht]
+    teacher_hidden: Tensor | None  # [N, Ht]; None for a top-K log-prob teacher
+    teacher_weight: Tensor | None  # [V, Ht]
     teacher_bias: Tensor | None  # [V]
     target_ids: Tensor | None  # [N]
     row_scale: Tensor  # [N]
     student_lse: Tensor  # [N]
     teacher_lse: Tensor  # [N]
-    topk_index: Tensor  # [N, K]
+    topk_index: Tensor  # [N, K]: the student's top-K, or a top-K teacher's ids
     sparse_grad: Tensor  # [N, K]
     dense_grad: Tensor  # [N]
+
+
+class _HiddenTeacher:
+    """A teacher given as hidden states and an lm_head: per chunk its logits into a second ``[C, V]`` buffer, the
+    student's own top-K as the support (SPEC 2)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        self.hidden, self.weight, self.bias = hidden, weight, bias  # [N, Ht], [V, Ht], [V]
+
+    def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor) -> RowOutputs:
+        """The call's ``RowOutputs`` and this teacher's per-chunk scratch (``like``: the student's logits buffer)."""
+        self.buffer = torch.empty_like(like)
+        # per-chunk scratch of the statistics the row loss consumes (the [N]-sized results go to the outputs)
+        self.student_topk, self.teacher_topk = (like.new_empty(buffer_rows, topk) for _ in range(2))
+        self.student_target, self.teacher_target = (like.new_empty(buffer_rows) for _ in range(2))
+        return RowOutputs.allocate(num_tokens, topk, like.dtype, like.device)
+
+    def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, chunk_out: RowOutputs,
+                    targets: Tensor | None) -> _ChunkStats:  # fmt: skip
+        count = zs.shape[0]
+        topk = options.topk or 0
+        s_topk, s_target = self.student_topk[:count], self.student_target[:count]
+        row_ops.student_row_stats(
+            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target)
+        )
+        zt = _logits_into(self.buffer, self.hidden[rows], self.weight, self.bias, options)
+        t_topk, t_target = self.teacher_topk[:count], self.teacher_target[:count]
+        row_ops.teacher_row_stats(zt, chunk_out.topk_index, targets, out=(chunk_out.teacher_lse, t_topk, t_target))
+        if options.topk is None:
+            row_ops.full_vocab_divergence(
+                zs, zt, chunk_out.student_lse, chunk_out.teacher_lse, options.alpha,
+                out=(chunk_out.divergence, chunk_out.dense_grad),
+            )  # fmt: skip
+            return _ChunkStats(None, None, s_target, t_target, (zt, chunk_out.teacher_lse, options.alpha))
+        return _ChunkStats(s_topk, t_topk, s_target, t_target, None)
+
+    def release(self) -> None:
+        del self.buffer
+
+    def saved(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.hidden, self.weight, self.bias
+
+
+class _TopKLogprobTeacher:
+    """A teacher given as its own top-K log-probs and token ids (a served or cached teacher, SPEC 3.2): the support
+    is its K ids, read from the *student's* logits buffer by the teacher-stats stage (the student's log-sum-exp, its
+    logits at the ids and at the target); the teacher side needs no GEMM, its log-sum-exp is 0 (log-probs already
+    normalised over its vocabulary)."""
+
+    def __init__(self, logprobs: Tensor, ids: Tensor):
+        self.logprobs, self.ids = logprobs, ids  # [N, K] fp32, [N, K] int64 distinct per row
+
+    def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor) -> RowOutputs:
+        self.student_topk = like.new_empty(buffer_rows, topk)
+        self.student_target = like.new_empty(buffer_rows)
+        outputs = RowOutputs.allocate(num_tokens, topk, like.dtype, like.device, topk_index=self.ids)
+        # t = logprob - 0; the teacher's "target logit" reads the same zeros (its log-prob there is unknown: 0)
+        outputs.teacher_lse.zero_()
+        return outputs
+
+    def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, chunk_out: RowOutputs,
+                    targets: Tensor | None) -> _ChunkStats:  # fmt: skip
+        count = zs.shape[0]
+        s_topk, s_target = self.student_topk[:count], self.student_target[:count]
+        row_ops.teacher_row_stats(zs, chunk_out.topk_index, targets, out=(chunk_out.student_lse, s_topk, s_target))
+        return _ChunkStats(s_topk, self.logprobs[rows], s_target, chunk_out.teacher_lse, None)
+
+    def release(self) -> None:
+        pass
+
+    def saved(self) -> tuple[None, None, None]:
+        return None, None, None  # the backward of a top-K teacher never reads a teacher tensor
+
+
+class _ChunkStats(NamedTuple):
+    """What ``row_loss_`` and ``logit_grad`` read for one chunk beside ``RowOutputs``."""
+
+    student_topk: Tensor | None  # [C, K] the student's logits on the support (None: full vocabulary)
+    teacher_topk: Tensor | None  # [C, K] the teacher's logits (or log-probs) there
+    student_target: Tensor  # [C] the student's logit at the target (zeros without targets)
+    teacher_target: Tensor  # [C]
+    full_vocab_teacher: tuple[Tensor, Tensor, float] | None  # logit_grad's ``teacher`` in full-vocabulary mode
+
+
+def _fused_forward(
+    ctx,
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    student_bias: Tensor | None,
+    teacher: _HiddenTeacher | _TopKLogprobTeacher,
+    target_ids: Tensor | None,
+    old_logprobs: Tensor | None,
+    row_weight: Tensor,
+    options: FusedOptions,
+    row_ops: ModuleType,
+):
+    """The forward of both Functions: per chunk the student's logits, ``teacher.chunk_stats``, the row loss and
+    (scalar reductions) the logit gradient; saves what ``_student_gradients`` needs."""
+    ctx.set_materialize_grads(False)
+    num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
+    device = student_hidden.device
+    needs_grad = tuple(ctx.needs_input_grad[:3])
+    form_grad_now = options.grad_in_forward and any(needs_grad)
+
+    chunk = options.chunk_size
+    dtype = accumulation_dtype(student_hidden.dtype)
+    buffer_rows = min(chunk, num_tokens)
+    student_buffer = torch.empty(buffer_rows, vocab, dtype=dtype, device=device)
+    outputs = teacher.allocate(num_tokens, buffer_rows, options.topk or 0, student_buffer)
+    grads, staged = None, None
+    if form_grad_now:
+        grads = _Gradients.allocate(needs_grad, student_hidden, student_weight, zero=False)
+        staged = _StagedGradients(
+            grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device), overwrite=True
+        )
+
+    for start in range(0, num_tokens, chunk):
+        rows = slice(start, min(start + chunk, num_tokens))
+        chunk_out = outputs.rows(rows)
+        targets = None if target_ids is None else target_ids[rows]
+        zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, options)
+        stats = teacher.chunk_stats(row_ops, options, zs, rows, chunk_out, targets)
+        has_target = targets is not None
+        row_ops.row_loss_(
+            chunk_out,
+            stats.student_topk,
+            stats.teacher_topk,
+            stats.student_target if has_target else None,
+            stats.teacher_target if has_target else None,
+            None if old_logprobs is None else old_logprobs[rows],
+            row_weight[rows],
+            add_tail=options.add_tail,
+            alpha=options.alpha,
+            is_clip=options.is_clip,
+        )
+        if form_grad_now:
+            row_ops.logit_grad(
+                zs, chunk_out.student_lse, chunk_out.row_scale, chunk_out.dense_grad, chunk_out.topk_index,
+                chunk_out.sparse_grad, None, None, options.grad_scale, stats.full_vocab_teacher,
+                out=staged.slot(rows), softcap_bound=options.softcap_bound,
+            )  # fmt: skip
+    if staged is not None:
+        staged.flush()
+    teacher.release()
+    del student_buffer, staged
+
+    ctx.options, ctx.row_ops = options, row_ops
+    ctx.form_grad_now = form_grad_now
+    ctx.precomputed = grads
+    ctx.save_for_backward(
+        *_SavedForBackward(
+            student_hidden, student_weight, student_bias, *teacher.saved(), target_ids, outputs.row_scale,
+            outputs.student_lse, outputs.teacher_lse, outputs.topk_index, outputs.sparse_grad, outputs.dense_grad,
+        )
+    )  # fmt: skip
+    ctx.mark_non_differentiable(
+        outputs.teacher_target_logprobs, outputs.is_weight, outputs.topk_mass, outputs.divergence
+    )
+    loss = outputs.loss.sum() if options.grad_in_forward else outputs.loss
+    return (
+        loss,
+        outputs.target_logprobs,
+        outputs.teacher_target_logprobs,
+        outputs.is_weight,
+        outputs.topk_mass,
+        outputs.divergence,
+    )
+
+
+def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tensor | None):
+    """The backward of both Functions: ``(d student_hidden, d student_weight, d student_bias)``."""
+    saved = _SavedForBackward(*ctx.saved_tensors)
+    student_hidden, student_weight = saved.student_hidden, saved.student_weight
+    needs_grad = tuple(ctx.needs_input_grad[:3])
+    # What forward formed, times the upstream scalar. With an fp32 weight the accumulators *are* the
+    # gradients' dtype: scaled in place and handed over (no second [V, H] buffer); a second backward
+    # through the same graph (retain_graph=True) then takes the recompute path. Other dtypes scale into
+    # the returned tensors and keep the accumulators.
+    grads, upstream = None, None
+    formed = ctx.form_grad_now and ctx.precomputed is not None
+    if formed and grad_loss is not None:
+        grads, upstream = ctx.precomputed, grad_loss
+        if student_weight.dtype == torch.float32:
+            ctx.precomputed = None
+    # A recompute pass: per-token upstream gradient of the loss, or a gradient of the target log-probs.
+    loss_scale = None
+    if grad_loss is not None and not formed:
+        loss_scale = torch.where(saved.row_scale != 0, grad_loss * saved.row_scale, 0.0)
+    if (loss_scale is not None or grad_target_logprobs is not None) and any(needs_grad):
+        if grads is None:
+            grads = _Gradients.allocate(needs_grad, student_hidden, student_weight)
+        else:  # the recompute pass adds its own, already scaled terms: fold the scalar in first
+            scale = upstream
+            grads = _Gradients(*(None if acc is None else acc * scale.to(acc.dtype) for acc in
+                                 (grads.hidden, grads.weight, grads.bias)))  # fmt: skip
+            upstream = None
+        _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, grad_target_logprobs)
+    # in place only on buffers nobody keeps: handed over by ctx, or fresh from a recompute pass
+    in_place = grads is not ctx.precomputed
+    if grads is None:
+        grads = _Gradients(None, None, None)
+    bias_dtype = None if saved.student_bias is None else saved.student_bias.dtype
+    return (
+        _scaled(grads.hidden, upstream, student_hidden.dtype, in_place),
+        _scaled(grads.weight, upstream, student_weight.dtype, in_place),
+        _scaled(grads.bias, upstream, bias_dtype, in_place),
+    )
 
 
 class ChunkedSDPOFunction(torch.autograd.Function):
@@ -245,134 +458,59 @@ class ChunkedSDPOFunction(torch.autograd.Function):
         options: FusedOptions,
         row_ops: ModuleType,
     ):
-        ctx.set_materialize_grads(False)
-        num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
-        device = student_hidden.device
-        topk = options.topk or 0
-        needs_grad = tuple(ctx.needs_input_grad[:3])
-        form_grad_now = options.grad_in_forward and any(needs_grad)
-
-        chunk = options.chunk_size
-        dtype = accumulation_dtype(student_hidden.dtype)
-        buffer_rows = min(chunk, num_tokens)
-        student_buffer = torch.empty(buffer_rows, vocab, dtype=dtype, device=device)
-        teacher_buffer = torch.empty_like(student_buffer)
-        # per-chunk scratch of the statistics the row loss consumes (the [N]-sized results go to `outputs`)
-        student_topk, teacher_topk = (torch.empty(buffer_rows, topk, dtype=dtype, device=device) for _ in range(2))
-        student_target, teacher_target = (torch.empty(buffer_rows, dtype=dtype, device=device) for _ in range(2))
-        outputs = RowOutputs.allocate(num_tokens, topk, dtype, device)
-        grads, staged = None, None
-        if form_grad_now:
-            grads = _Gradients.allocate(needs_grad, student_hidden, student_weight, zero=False)
-            staged = _StagedGradients(
-                grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device), overwrite=True
-            )
-
-        for start in range(0, num_tokens, chunk):
-            rows = slice(start, min(start + chunk, num_tokens))
-            count = rows.stop - rows.start
-            chunk_out = outputs.rows(rows)
-            targets = None if target_ids is None else target_ids[rows]
-            zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, options)
-            s_topk, s_target = student_topk[:count], student_target[:count]
-            row_ops.student_row_stats(
-                zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target)
-            )
-            zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, options)
-            t_topk, t_target = teacher_topk[:count], teacher_target[:count]
-            row_ops.teacher_row_stats(zt, chunk_out.topk_index, targets, out=(chunk_out.teacher_lse, t_topk, t_target))
-            if options.topk is None:
-                row_ops.full_vocab_divergence(
-                    zs, zt, chunk_out.student_lse, chunk_out.teacher_lse, options.alpha,
-                    out=(chunk_out.divergence, chunk_out.dense_grad),
-                )  # fmt: skip
-            has_support, has_target = options.topk is not None, targets is not None
-            row_ops.row_loss_(
-                chunk_out,
-                s_topk if has_support else None,
-                t_topk if has_support else None,
-                s_target if has_target else None,
-                t_target if has_target else None,
-                None if old_logprobs is None else old_logprobs[rows],
-                row_weight[rows],
-                add_tail=options.add_tail,
-                alpha=options.alpha,
-                is_clip=options.is_clip,
-            )
-            if form_grad_now:
-                teacher = (zt, chunk_out.teacher_lse, options.alpha) if options.topk is None else None
-                row_ops.logit_grad(
-                    zs, chunk_out.student_lse, chunk_out.row_scale, chunk_out.dense_grad, chunk_out.topk_index,
-                    chunk_out.sparse_grad, None, None, options.grad_scale, teacher, out=staged.slot(rows),
-                    softcap_bound=options.softcap_bound,
-                )  # fmt: skip
-        if staged is not None:
-            staged.flush()
-        del student_buffer, teacher_buffer, staged
-
-        ctx.options, ctx.row_ops = options, row_ops
-        ctx.form_grad_now = form_grad_now
-        ctx.precomputed = grads
-        ctx.save_for_backward(
-            *_SavedForBackward(
-                student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                target_ids, outputs.row_scale, outputs.student_lse, outputs.teacher_lse, outputs.topk_index,
-                outputs.sparse_grad, outputs.dense_grad,
-            )
+        teacher = _HiddenTeacher(teacher_hidden, teacher_weight, teacher_bias)
+        return _fused_forward(
+            ctx, student_hidden, student_weight, student_bias, teacher, target_ids, old_logprobs, row_weight, options,
+            row_ops,
         )  # fmt: skip
-        ctx.mark_non_differentiable(
-            outputs.teacher_target_logprobs, outputs.is_weight, outputs.topk_mass, outputs.divergence
-        )
-        loss = outputs.loss.sum() if options.grad_in_forward else outputs.loss
-        return (
-            loss,
-            outputs.target_logprobs,
-            outputs.teacher_target_logprobs,
-            outputs.is_weight,
-            outputs.topk_mass,
-            outputs.divergence,
-        )
 
     @staticmethod
     def backward(ctx, grad_loss, grad_target_logprobs, *_grad_non_differentiable):
-        saved = _SavedForBackward(*ctx.saved_tensors)
-        student_hidden, student_weight = saved.student_hidden, saved.student_weight
-        needs_grad = tuple(ctx.needs_input_grad[:3])
-        # What forward formed, times the upstream scalar. With an fp32 weight the accumulators *are* the
-        # gradients' dtype: scaled in place and handed over (no second [V, H] buffer); a second backward
-        # through the same graph (retain_graph=True) then takes the recompute path. Other dtypes scale into
-        # the returned tensors and keep the accumulators.
-        grads, upstream = None, None
-        formed = ctx.form_grad_now and ctx.precomputed is not None
-        if formed and grad_loss is not None:
-            grads, upstream = ctx.precomputed, grad_loss
-            if student_weight.dtype == torch.float32:
-                ctx.precomputed = None
-        # A recompute pass: per-token upstream gradient of the loss, or a gradient of the target log-probs.
-        loss_scale = None
-        if grad_loss is not None and not formed:
-            loss_scale = torch.where(saved.row_scale != 0, grad_loss * saved.row_scale, 0.0)
-        if (loss_scale is not None or grad_target_logprobs is not None) and any(needs_grad):
-            if grads is None:
-                grads = _Gradients.allocate(needs_grad, student_hidden, student_weight)
-            else:  # the recompute pass adds its own, already scaled terms: fold the scalar in first
-                scale = upstream
-                grads = _Gradients(*(None if acc is None else acc * scale.to(acc.dtype) for acc in
-                                     (grads.hidden, grads.weight, grads.bias)))  # fmt: skip
-                upstream = None
-            _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, grad_target_logprobs)
-        # in place only on buffers nobody keeps: handed over by ctx, or fresh from a recompute pass
-        in_place = grads is not ctx.precomputed
-        if grads is None:
-            grads = _Gradients(None, None, None)
-        bias_dtype = None if saved.student_bias is None else saved.student_bias.dtype
         return (
-            _scaled(grads.hidden, upstream, student_hidden.dtype, in_place),
-            _scaled(grads.weight, upstream, student_weight.dtype, in_place),
-            _scaled(grads.bias, upstream, bias_dtype, in_place),
+            *_student_gradients(ctx, grad_loss, grad_target_logprobs),
             None,  # teacher_hidden: the teacher never receives a gradient
             None,  # teacher_weight
             None,  # teacher_bias
+            None,  # target_ids: integer
+            None,  # old_logprobs: a constant of the rollout
+            None,  # row_weight: mask and detached weights
+            None,  # options
+            None,  # row_ops
+        )
+
+
+class TeacherTopKSDPOFunction(torch.autograd.Function):
+    """``ChunkedSDPOFunction`` for a teacher given as its top-K log-probs: same outputs (``teacher_target_logprobs``
+    is zeros: the teacher's log-prob of the target is not known), one GEMM per chunk in forward instead of two.
+    ``options.topk`` is K; ``teacher_topk_ids`` must be distinct per row (``logit_grad`` writes each column once).
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_hidden: Tensor,  # [N, H]
+        student_weight: Tensor,  # [V, H]
+        student_bias: Tensor | None,  # [V]
+        teacher_topk_logprobs: Tensor,  # [N, K] fp32, normalised over the teacher's vocabulary
+        teacher_topk_ids: Tensor,  # [N, K] int64 in [0, V), distinct per row
+        target_ids: Tensor | None,  # [N] int64
+        old_logprobs: Tensor | None,  # [N]
+        row_weight: Tensor,  # [N] fp32
+        options: FusedOptions,
+        row_ops: ModuleType,
+    ):
+        teacher = _TopKLogprobTeacher(teacher_topk_logprobs, teacher_topk_ids)
+        return _fused_forward(
+            ctx, student_hidden, student_weight, student_bias, teacher, target_ids, old_logprobs, row_weight, options,
+            row_ops,
+        )  # fmt: skip
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_target_logprobs, *_grad_non_differentiable):
+        return (
+            *_student_gradients(ctx, grad_loss, grad_target_logprobs),
+            None,  # teacher_topk_logprobs: the teacher never receives a gradient
+            None,  # teacher_topk_ids: integer
             None,  # target_ids: integer
             None,  # old_logprobs: a constant of the rollout
             None,  # row_weight: mask and detached weights

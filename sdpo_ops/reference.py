@@ -95,12 +95,23 @@ def per_token_divergence(
         student_support = student_logp.gather(-1, index)
         teacher_support = teacher_logp.gather(-1, index)
         topk_mass = student_support.exp().sum(-1)
-        if add_tail:
-            student_support, teacher_support = _append_tail(student_support), _append_tail(teacher_support)
-        else:
-            student_support = student_support - torch.logsumexp(student_support, -1, keepdim=True)
-            teacher_support = teacher_support - torch.logsumexp(teacher_support, -1, keepdim=True)
+        return (
+            support_divergence(student_support, teacher_support, add_tail=add_tail, alpha=alpha),
+            student_logp,
+            topk_mass,
+        )
     return generalized_jsd(student_support, teacher_support, alpha), student_logp, topk_mass
+
+
+def support_divergence(student_support: Tensor, teacher_support: Tensor, *, add_tail: bool, alpha: float) -> Tensor:
+    """GJSD over a top-K support from full-vocabulary log-probs there: the tail bin appended on both sides, or both
+    renormalised over the K."""
+    if add_tail:
+        student_support, teacher_support = _append_tail(student_support), _append_tail(teacher_support)
+    else:
+        student_support = student_support - torch.logsumexp(student_support, -1, keepdim=True)
+        teacher_support = teacher_support - torch.logsumexp(teacher_support, -1, keepdim=True)
+    return generalized_jsd(student_support, teacher_support, alpha)
 
 
 def importance_weight(target_logprobs: Tensor, old_logprobs: Tensor, is_clip: float) -> Tensor:
@@ -174,8 +185,7 @@ def sdpo_loss_reference_from_logits(
         logit_scale=logit_scale,
         logit_softcap=logit_softcap,
     )
-    per_token = divergence
-    target_logprobs = teacher_target_logprobs = is_weight = None
+    target_logprobs = teacher_target_logprobs = None
     if target_ids is not None:
         target_index = target_ids.reshape(-1, 1).long()
         target_logprobs = student_logp.gather(-1, target_index).squeeze(-1)
@@ -187,6 +197,30 @@ def sdpo_loss_reference_from_logits(
         )
         teacher_logp = torch.log_softmax(teacher_z, -1)
         teacher_target_logprobs = teacher_logp.gather(-1, target_index).squeeze(-1)
+    return _weighted_and_reduced(
+        divergence, target_logprobs, teacher_target_logprobs, topk_mass, leading_shape, mask=mask,
+        old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights, reduction=reduction,
+        normalizer=normalizer,
+    )  # fmt: skip
+
+
+def _weighted_and_reduced(
+    divergence: Tensor,
+    target_logprobs: Tensor | None,
+    teacher_target_logprobs: Tensor | None,
+    topk_mass: Tensor,
+    leading_shape: torch.Size,
+    *,
+    mask: Tensor | None,
+    old_logprobs: Tensor | None,
+    is_clip: float | None,
+    token_weights: Tensor | None,
+    reduction: str,
+    normalizer: Tensor | float | None,
+) -> dict[str, Tensor | None]:
+    """From the per-row divergence ``[N]``: IS weight, token weights, mask, reduction; the reference's dict."""
+    per_token = divergence
+    is_weight = None
     if old_logprobs is not None and is_clip is not None:
         is_weight = importance_weight(target_logprobs, old_logprobs.reshape(-1), is_clip)
         per_token = per_token * is_weight
@@ -226,3 +260,52 @@ def sdpo_loss_reference(
     with torch.no_grad():
         teacher_logits = _at_least_fp32(torch.nn.functional.linear(teacher_hidden, teacher_weight, teacher_bias))
     return sdpo_loss_reference_from_logits(student_logits, teacher_logits, **options)
+
+
+def sdpo_loss_reference_from_teacher_topk(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_topk_ids: Tensor,
+    *,
+    student_bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    target_ids: Tensor | None = None,
+    old_logprobs: Tensor | None = None,
+    add_tail: bool = True,
+    alpha: float = 0.5,
+    is_clip: float | None = 2.0,
+    temperature: float = 1.0,
+    reduction: str = "token-mean",
+    normalizer: Tensor | float | None = None,
+    token_weights: Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+) -> dict[str, Tensor | None]:
+    """Naive SDPO loss against a teacher given as its top-K log-probs (SPEC 3.2, TRL's served-teacher loss).
+
+    ``teacher_topk_logprobs``/``teacher_topk_ids``: ``[..., K]``. The support is the teacher's ids; the student's
+    log-probs there are full-vocabulary ones; masked positions are set to 0 on both sides (TRL) before the tail
+    bin or the renormalisation. Same dict as :func:`sdpo_loss_reference_from_logits`; ``teacher_target_logprobs``
+    is None (unknown). Masked positions' ids are read through a clamp, so padding there never indexes out of range.
+    """
+    leading_shape = student_hidden.shape[:-1]
+    topk = teacher_topk_ids.shape[-1]
+    raw_logits = _at_least_fp32(torch.nn.functional.linear(student_hidden, student_weight, student_bias))
+    transform = {"logit_scale": logit_scale, "logit_softcap": logit_softcap, "temperature": temperature}
+    student_logp = torch.log_softmax(transform_logits(raw_logits, **transform), dim=-1).reshape(
+        -1, raw_logits.shape[-1]
+    )
+    keep = (torch.ones(leading_shape, device=student_hidden.device) if mask is None else mask).reshape(-1, 1) != 0
+    ids = torch.where(keep, teacher_topk_ids.reshape(-1, topk).long().clamp(0, student_logp.shape[-1] - 1), 0)
+    student_support = torch.where(keep, student_logp.gather(-1, ids), 0.0)
+    teacher_support = torch.where(keep, _at_least_fp32(teacher_topk_logprobs.detach()).reshape(-1, topk), 0.0)
+    divergence = support_divergence(student_support, teacher_support, add_tail=add_tail, alpha=alpha)
+    target_logprobs = None
+    if target_ids is not None:
+        target_logprobs = student_logp.gather(-1, target_ids.reshape(-1, 1).long()).squeeze(-1)
+    return _weighted_and_reduced(
+        divergence, target_logprobs, None, student_support.detach().exp().sum(-1), leading_shape, mask=mask,
+        old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights, reduction=reduction,
+        normalizer=normalizer,
+    )  # fmt: skip

@@ -28,10 +28,15 @@ class RowOutputs(NamedTuple):
     sparse_grad: Tensor  # [N, K] dD/dz at the top-K columns beyond the dense term
     student_lse: Tensor
     teacher_lse: Tensor
-    topk_index: Tensor  # [N, K] int64, the student's top-K columns
+    topk_index: Tensor  # [N, K] int64: the student's top-K columns, or a top-K teacher's ids
 
     @classmethod
-    def allocate(cls, num_tokens: int, topk: int, dtype: torch.dtype, device: torch.device) -> RowOutputs:
+    def allocate(
+        cls, num_tokens: int, topk: int, dtype: torch.dtype, device: torch.device, topk_index: Tensor | None = None
+    ) -> RowOutputs:
+        """``topk_index``: the support's columns when the caller already has them (a top-K teacher's ids), else
+        allocated for the student's top-K stage to write."""
+
         def row() -> Tensor:
             return torch.empty(num_tokens, dtype=dtype, device=device)
 
@@ -47,7 +52,9 @@ class RowOutputs(NamedTuple):
             sparse_grad=torch.empty(num_tokens, topk, dtype=dtype, device=device),
             student_lse=row(),
             teacher_lse=row(),
-            topk_index=torch.empty(num_tokens, topk, dtype=torch.int64, device=device),
+            topk_index=torch.empty(num_tokens, topk, dtype=torch.int64, device=device)
+            if topk_index is None
+            else topk_index,
         )
 
     def rows(self, rows: slice) -> RowOutputs:
