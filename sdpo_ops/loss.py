@@ -303,7 +303,6 @@ def sdpo_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    mask_dtype = float_mask.dtype
     if backend == "auto":
         fits_triton = topk is None or topk <= TRITON_MAX_TOPK
         backend = "triton" if device.type == "cuda" and fits_triton else "torch"
@@ -338,9 +337,7 @@ def sdpo_loss(
     # A scalar loss has a scalar upstream gradient: the Function folds the reduction into per-token
     # weights and forms the gradient in forward. "none" gets a per-token upstream gradient in backward.
     grad_in_forward = reduction != "none"
-    row_weight = _reduction_coefficients(float_mask, reduction, normalizer)
-    if token_weights is not None:
-        row_weight = row_weight * token_weights.detach().to(mask_dtype)
+    row_weight = _row_weight(float_mask, reduction, normalizer, token_weights)
     options = FusedOptions(
         topk=topk,
         add_tail=add_tail,
@@ -352,8 +349,7 @@ def sdpo_loss(
         logit_scale=float(logit_scale),
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
     )
-    use_is = old_logprobs is not None and is_clip is not None
-    loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, divergence = ChunkedSDPOFunction.apply(
+    fused = ChunkedSDPOFunction.apply(
         student_hidden.reshape(num_tokens, -1),
         student_weight,
         student_bias,
@@ -366,18 +362,33 @@ def sdpo_loss(
         options,
         row_ops,
     )
+    result = _fused_result(fused, float_mask, token_weights, use_is=old_logprobs is not None and is_clip is not None)
+    return _package(result, return_outputs, target_ids, is_clip, float_mask)
+
+
+def _row_weight(float_mask: Tensor, reduction: str, normalizer, token_weights: Tensor | None) -> Tensor:
+    """The fused Functions' per-token ``row_weight``: mask x reduction coefficient x detached token weights."""
+    row_weight = _reduction_coefficients(float_mask, reduction, normalizer)
+    if token_weights is not None:
+        row_weight = row_weight * token_weights.detach().to(float_mask.dtype)
+    return row_weight
+
+
+def _fused_result(fused: tuple, float_mask: Tensor, token_weights: Tensor | None, *, use_is: bool) -> dict:
+    """The fused Functions' outputs, reshaped to the tokens' leading shape, as the dict ``_package`` reads."""
+    loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, divergence = fused
+    leading_shape = float_mask.shape
     unreduced_weight = float_mask * is_weight.reshape(leading_shape)
     if token_weights is not None:
-        unreduced_weight = unreduced_weight * token_weights.detach().to(mask_dtype)
-    result = {
-        "loss": loss if grad_in_forward else loss.reshape(leading_shape),
+        unreduced_weight = unreduced_weight * token_weights.detach().to(float_mask.dtype)
+    return {
+        "loss": loss if loss.dim() == 0 else loss.reshape(leading_shape),
         "per_token_loss": torch.where(unreduced_weight != 0, unreduced_weight * divergence.reshape(leading_shape), 0.0),
         "target_logprobs": target_logprobs.reshape(leading_shape),
         "teacher_target_logprobs": teacher_target_logprobs.reshape(leading_shape),
         "is_weight": is_weight.reshape(leading_shape) if use_is else None,
         "topk_mass": topk_mass.reshape(leading_shape),
     }
-    return _package(result, return_outputs, target_ids, is_clip, float_mask)
 
 
 def _package(result: dict, return_outputs: bool, target_ids, is_clip, mask: Tensor) -> Tensor | SDPOOutput:
