@@ -84,7 +84,8 @@ def _check_teacher_values(logprobs: Tensor, ids: Tensor, vocab: int) -> None:
     if repeats:
         raise ValueError(
             f"teacher_topk_ids repeat an id within a position at {int(repeats)} unmasked position(s): a teacher's "
-            "top-K ids are distinct (padding belongs at masked positions)"
+            "top-K ids are distinct (a server that pads with id 0 returned fewer than K there: mask the position or "
+            "ask for fewer log-probs)"
         )
     if not_a_number:
         raise ValueError(f"teacher_topk_logprobs holds {int(not_a_number)} NaN(s) at unmasked positions")
