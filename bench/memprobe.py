@@ -148,12 +148,13 @@ def probe(spec: dict) -> dict:
     return result
 
 
-def measure_in_subprocess(spec: dict, timeout: float = 1800.0) -> dict:
-    """Run ``probe(spec)`` in a fresh Python process (CPU peak RSS) and return its result."""
+def measure_in_subprocess(spec: dict, timeout: float = 1800.0, module: str = "bench.memprobe") -> dict:
+    """Run ``probe(spec)`` in a fresh Python process (CPU peak RSS) and return its result; ``module``: another
+    probe with the same command line (``python -m <module> '<json>'`` printing one JSON line last)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.memprobe", json.dumps(spec)],
+        [sys.executable, "-m", module, json.dumps(spec)],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,

@@ -466,3 +466,20 @@ def test_readme_block_runs():
     loss, mass = (float(value) for value in stdout.getvalue().split())
     assert math.isfinite(loss) and loss >= 0 and 0 < mass <= 1
     assert namespace["lm_head"].weight.grad is not None
+
+
+def test_bench_contenders_compute_the_same_loss_and_gradients():
+    """bench.teacher_topk's two contenders (ours and TRL's materialised path) on the bench's own inputs."""
+    from bench.shapes import Case, Shape
+    from bench.teacher_topk import LOSSES, served_inputs
+
+    case = Case(Shape("tiny", 40, 8, 64), topk=6)
+    results = []
+    for name, loss_fn in LOSSES.items():
+        inputs, logprobs, ids = served_inputs(case, seed=1)
+        loss = loss_fn(inputs, logprobs, ids, case)
+        loss.backward()
+        results.append((name, loss.detach(), inputs.student_hidden.grad, inputs.student_weight.grad))
+    (_, *ours), (_, *theirs) = results
+    for mine, trl in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(mine, trl, **FP32)
