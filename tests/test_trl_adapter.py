@@ -17,7 +17,7 @@ from tolerances import TRAINER_LOG, TRAINER_WEIGHT_UPDATE
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
 
-from adapters_tiny import make_model, make_tokenizer  # noqa: E402
+from adapters_tiny import PROMPTS, chat_dataset, make_model, make_tokenizer, save_model, tiny_sdpo_config  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback, set_seed  # noqa: E402
 from trl.experimental.sdpo import SDPOTrainer as TRLSDPOTrainer  # noqa: E402
@@ -32,7 +32,6 @@ from sdpo_ops.adapters.trl import SDPOConfig, SDPOTrainer  # noqa: E402
 # moved a lot; their floor is two ulps of the largest weights (the norm gains, ~1).
 # Keys of TRL's logs that are wall-clock measurements, not results.
 TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
-PROMPTS = ["add 2 and 3", "name a color", "spell cat", "count to 4"]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +46,7 @@ def _save_model(directory, tokenizer, **overrides) -> str:
         # repeats its input (a KL of ~1e-6, all rounding). 5x keeps the samples varied and the logits peaked.
         with torch.no_grad():
             model.lm_head.weight.div_(4.0)
-    for config in (model.config, model.generation_config):
-        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return save_model(directory, tokenizer, model)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +60,7 @@ def model_dirs(tmp_path_factory, tokenizer):
 
 
 def _dataset(**columns) -> Dataset:
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": text}] for text in PROMPTS], **columns})
+    return chat_dataset(**columns)
 
 
 class ScheduledReward:
@@ -103,30 +98,7 @@ class _RecordTeacherContext(TrainerCallback):
 
 
 def _config(tmp_path, **overrides) -> SDPOConfig:
-    options = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "max_prompt_length": 64,
-        # Two generation batches (ScheduledReward's first two patterns: distilled and masked samples).
-        "max_steps": 2,
-        # Plain SGD: Adam's first step is ~lr * sign(grad), which would turn float-rounding differences
-        # of near-zero gradient entries into lr-sized weight differences.
-        "optim": "sgd",
-        "learning_rate": 0.5,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,  # TRL defaults to bf16 autocast; the equivalence is checked in fp32
-        "seed": 0,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-    }
-    options.update(overrides)
-    return SDPOConfig(**options)
+    return tiny_sdpo_config(tmp_path / "out", **overrides)
 
 
 def _train(trainer_class, model_dir, tokenizer, args, reward_funcs, dataset, callbacks=()):
