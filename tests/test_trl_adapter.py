@@ -17,7 +17,15 @@ from tolerances import TRAINER_LOG, TRAINER_WEIGHT_UPDATE
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
 
-from adapters_tiny import PROMPTS, chat_dataset, make_model, make_tokenizer, save_model, tiny_sdpo_config  # noqa: E402
+from adapters_tiny import (  # noqa: E402
+    PROMPTS,
+    chat_dataset,
+    make_model,
+    make_opt_model,
+    make_tokenizer,
+    save_model,
+    tiny_sdpo_config,
+)
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback, set_seed  # noqa: E402
 from trl.experimental.sdpo import SDPOTrainer as TRLSDPOTrainer  # noqa: E402
@@ -425,3 +433,106 @@ def test_topk_mode_without_topk_is_refused(model_dirs, tokenizer, tmp_path):
             train_dataset=_dataset(),
             processing_class=tokenizer,
         )
+
+
+# Each bad value, the field the error must name. All are caught in __init__, before TRL loads the model (or,
+# for the top-K bound, right after, from the lm_head's V): never after a generation.
+BAD_CONFIGS = {
+    "topk_zero": ({"distillation_mode": "topk_logits", "distillation_topk": 0}, "distillation_topk"),
+    "topk_above_vocab": ({"distillation_mode": "topk_logits", "distillation_topk": "V+1"}, "distillation_topk"),
+    "alpha_above_one": ({"distillation_mode": "topk_logits", "distillation_alpha": 1.5}, "distillation_alpha"),
+    "alpha_negative": ({"distillation_mode": "full_logits", "distillation_alpha": -0.1}, "distillation_alpha"),
+    "is_clip_zero": ({"distillation_mode": "full_logits", "distillation_is_clip": 0.0}, "distillation_is_clip"),
+    "teacher_kind_typo": ({"teacher_model_kind": "emma"}, "teacher_model_kind"),
+}
+
+
+class _NeverCalledReward:
+    __name__ = "never_called"
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the config error must come before any rollout is scored")
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configs_fail_in_init(case, model_dirs, tokenizer, tmp_path):
+    overrides, field = BAD_CONFIGS[case]
+    overrides = {"distillation_topk": 5, **overrides}
+    if overrides["distillation_topk"] == "V+1":
+        overrides["distillation_topk"] = len(tokenizer) + 1
+    if overrides.get("distillation_mode", "sampled_token") != "topk_logits":
+        overrides.pop("distillation_topk")
+    args = _config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=field):
+        SDPOTrainer(
+            model=model_dirs["untied"],
+            reward_funcs=_NeverCalledReward(),
+            args=args,
+            train_dataset=_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+def test_topk_equal_to_vocab_is_accepted(model_dirs, tokenizer, tmp_path):
+    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=len(tokenizer))
+    SDPOTrainer(
+        model=model_dirs["untied"],
+        reward_funcs=ScheduledReward(),
+        args=args,
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+def test_topk_with_full_logits_warns(model_dirs, tokenizer, tmp_path):
+    args = _config(tmp_path, distillation_mode="full_logits", distillation_topk=5)
+    with pytest.warns(UserWarning, match="distillation_topk=5 is ignored"):
+        SDPOTrainer(
+            model=model_dirs["untied"],
+            reward_funcs=ScheduledReward(),
+            args=args,
+            train_dataset=_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+def test_opt_with_its_default_dropout_trains_like_trl(tokenizer, tmp_path):
+    """OPT applies dropout functionally (``nn.functional.dropout(p=config.dropout)``), which TRL's
+    ``disable_dropout`` does not reach: training-mode forwards differ from one another. The head check must not
+    take that for a logit transform, and the run must equal TRL's (same seed, same dropout draws)."""
+    model_dir = save_model(tmp_path / "tiny_opt", tokenizer, make_opt_model(len(tokenizer)))
+    args = _config(
+        tmp_path,
+        distillation_mode="topk_logits",
+        distillation_topk=5,
+        distillation_add_tail=True,
+        distillation_alpha=0.5,
+    )
+    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    _assert_same_training(ours, theirs, _initial_weights(model_dir))
+
+
+def test_refuses_a_subclass_that_scales_its_logits_undeclared(tokenizer, tmp_path):
+    """A model class whose forward rescales the logits, its config saying nothing: caught at the first step."""
+    from transformers import Qwen2ForCausalLM
+
+    class HalvedLogitsQwen2(Qwen2ForCausalLM):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 0.5
+            return output
+
+    plain = make_model(len(tokenizer), attention_dropout=0.1)
+    model = HalvedLogitsQwen2(plain.config)
+    model.load_state_dict(plain.state_dict())
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    args = _config(
+        tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live", max_steps=1
+    )
+    trainer = SDPOTrainer(
+        model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(), processing_class=tokenizer
+    )
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        trainer.train()

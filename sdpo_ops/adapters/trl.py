@@ -92,6 +92,7 @@ __all__ = ["SDPOConfig", "SDPOTrainer"]
 # Tolerance of the one-off check that the backbone + lm_head reproduces the model's own logits. Both sides
 # run the same matmul on the same hidden state, so any real transform (a scale, a cap) exceeds it by far.
 _HEAD_CHECK_RTOL = 1e-3
+_HEAD_CHECK_SEED = 0
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
@@ -460,35 +461,31 @@ class SDPOTrainer(_TRLSDPOTrainer):
             )
 
     def _head_check_logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``(model's own last logits [V], hidden @ W^T + b [V])`` for one sequence, both fp32, from one forward.
+        """``(model's own last logits [V], hidden @ W^T + b [V])`` for one sequence, both fp32.
 
-        The backbone's output is captured inside the model's own forward (a hook), so both sides see the same
-        hidden state whatever the forward draws (dropout, functional or not, stochastic layers); eval mode turns
-        dropout off besides, as for the teacher. Anything the model does between the backbone and its logits (a
-        scale, a cap, a transform of the hidden state before the head) shows as a difference.
+        Two forwards (the model's, and its backbone's as the fused loss runs it) that must not differ by chance:
+        eval mode turns dropout off (modules and ``nn.functional.dropout(training=self.training)`` alike, which
+        TRL's ``disable_dropout`` does not reach), and each forward starts from the same seed, so any other random
+        draw repeats too. The training's random streams are forked, so the check leaves them untouched.
         """
-        captured: list[Tensor] = []
-
-        def keep_last_hidden_state(module, inputs, output):
-            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-            captured.append(hidden[0, -1])
-
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if "logits_to_keep" in self.model_kwarg_keys:
-            model_inputs["logits_to_keep"] = 1
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
         modes = [(module, module.training) for module in model.modules()]
-        hook = _backbone(model).register_forward_hook(keep_last_hidden_state)
         try:
             model.eval()
-            # The model's forward carries accelerate's autocast wrapper (if any); the head call gets the same.
-            with self.accelerator.autocast():
+            # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
+            with torch.random.fork_rng(devices=cuda_devices), self.accelerator.autocast():
+                torch.manual_seed(_HEAD_CHECK_SEED)
+                hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
+                if "logits_to_keep" in self.model_kwarg_keys:
+                    model_inputs["logits_to_keep"] = 1
+                torch.manual_seed(_HEAD_CHECK_SEED)
                 expected = model(**model_inputs).logits[0, -1].float()
                 weight, bias = _lm_head(model)
                 with _full_head_tensors(weight, bias) as (weight, bias):
-                    hidden = captured[-1].to(weight.device, weight.dtype)
+                    hidden = hidden.to(weight.device, weight.dtype)
                     actual = nn.functional.linear(hidden, weight, bias).float()
         finally:
-            hook.remove()
             for module, was_training in modes:
                 module.training = was_training
         return expected, actual.to(expected.device)
