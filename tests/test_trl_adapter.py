@@ -263,27 +263,32 @@ def test_matches_trl_with_lora(model_dirs, tokenizer, tmp_path):
     _assert_same_training(ours, theirs, initial)
 
 
-def test_bf16_autocast_follows_trl(model_dirs, tokenizer, tmp_path):
-    """TRL's default ``bf16=True`` runs the model under autocast: the adapter's backbone and head follow it.
+def test_bf16_autocast_is_at_least_as_close_to_fp32_as_trl(model_dirs, tokenizer, tmp_path):
+    """TRL's default ``bf16=True``: one step (same weights, same batch) of each trainer against the fp32 run.
 
-    One step, same batch. TRL rounds its logits to bf16, the fused head keeps them in fp32, so the two
-    differ by bf16 rounding; the same training in fp32 differs from TRL's bf16 run by ~4e-3 relative here,
-    beyond the bound, so an adapter ignoring autocast would fail.
+    Both backbones run under autocast; TRL's lm_head then rounds the logits to bf16, while the fused head keeps
+    fp32 logits (on CPU its operands stay fp32; on CUDA the kernels accumulate in fp32). Ours must be no farther
+    from the fp32 run than TRL's, and not equal to it beyond fp32 noise: the backbone really runs in bf16.
     """
-    args = _config(
-        tmp_path,
-        bf16=True,
-        max_steps=1,
-        distillation_mode="topk_logits",
-        distillation_topk=5,
-        distillation_add_tail=True,
-        distillation_alpha=0.5,
-    )
+    options = {
+        "max_steps": 1,
+        "distillation_mode": "topk_logits",
+        "distillation_topk": 5,
+        "distillation_add_tail": True,
+        "distillation_alpha": 0.5,
+    }
     model_dir = model_dirs["untied"]
-    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
-    ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    fp32 = _train(TRLSDPOTrainer, model_dir, tokenizer, _config(tmp_path, **options), ScheduledReward(), _dataset())
+    bf16_args = _config(tmp_path, bf16=True, **options)
+    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, bf16_args, ScheduledReward(), _dataset())
+    ours = _train(SDPOTrainer, model_dir, tokenizer, bf16_args, ScheduledReward(), _dataset())
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor(ours[0][0][key]), torch.tensor(theirs[0][0][key]), rtol=1e-3, atol=0)
+        reference = fp32[0][0][key]
+        our_error, trl_error = abs(ours[0][0][key] - reference), abs(theirs[0][0][key] - reference)
+        # Here ~2x closer or more; over 5 seeds 1.2-25x in the step-1 loss (README, "In TRL"). The rest of the
+        # error is the backbone's bf16, common to both.
+        assert our_error <= 0.5 * trl_error, f"{key}: ours {our_error:.3g} from fp32, TRL {trl_error:.3g}"
+        assert our_error > 1e-5 * abs(reference), f"{key}: equal to the fp32 run, autocast was ignored"
 
 
 def test_reward_feedback_equals_dataset_column(model_dirs, tokenizer, tmp_path):

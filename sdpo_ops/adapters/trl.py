@@ -434,12 +434,17 @@ class SDPOTrainer(_TRLSDPOTrainer):
             hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return hidden.last_hidden_state[:, :-1][:, -length:]
 
-    def _head_dtype(self, hidden: Tensor) -> torch.dtype:
-        """The dtype the lm_head matmul runs in: autocast's when mixed precision is on, else the hidden states'."""
+    def _head_dtype(self, hidden: Tensor, weight: Tensor) -> torch.dtype:
+        """The dtype of the fused head's operands: the hidden states' without mixed precision; under autocast,
+        autocast's on CUDA (the Triton kernels accumulate and keep the logits in fp32), the weight's own (the fp32
+        master) elsewhere: torch's CPU bf16 matmul returns bf16 logits, the rounding by which TRL's bf16 run
+        strays from its fp32 run (measured: README, "In TRL")."""
         with self.accelerator.autocast():
-            if torch.is_autocast_enabled(hidden.device.type):
-                return torch.get_autocast_dtype(hidden.device.type)
-        return hidden.dtype
+            if not torch.is_autocast_enabled(hidden.device.type):
+                return hidden.dtype
+            if hidden.device.type == "cuda":
+                return torch.get_autocast_dtype("cuda")
+        return weight.dtype
 
     def _verify_plain_head(self, input_ids: Tensor, attention_mask: Tensor) -> None:
         """Once: check that backbone + lm_head reproduce the student's own logits (catches undeclared transforms)."""
@@ -544,15 +549,15 @@ class SDPOTrainer(_TRLSDPOTrainer):
         if sd_mask is not None:
             loss_mask = loss_mask * sd_mask.unsqueeze(1)
 
-        head_dtype = self._head_dtype(student_hidden)
+        head_dtype = self._head_dtype(student_hidden, student_weight)
         with (
             _full_head_tensors(student_weight, student_bias, teacher_weight, teacher_bias) as heads,
             torch.autocast(student_hidden.device.type, enabled=False),
         ):
             student_weight, student_bias, teacher_weight, teacher_bias = heads
             device = student_weight.device
-            # As the lm_head would under autocast: both operands in the compute dtype. The casts are
-            # differentiable, so the gradient reaches the (fp32 master) weight.
+            # Both operands in the head's compute dtype (see _head_dtype). The casts are differentiable, so the
+            # gradient reaches the (fp32 master) weight.
             student_hidden = student_hidden.to(device, head_dtype)
             teacher_hidden = teacher_hidden.to(device, head_dtype)
             student_weight = student_weight.to(head_dtype)
