@@ -37,14 +37,26 @@ to the dataset's context when both exist.
 
 TRL internals overridden here (what a TRL upgrade can break): ``SDPOTrainer.compute_loss``,
 ``SDPOTrainer._compute_rollout_logps``, ``SDPOTrainer._calculate_rewards`` (wraps the reward functions,
-then calls TRL's), ``SuccessfulRolloutTeacherContextBuilder.build`` (merges the feedback, then calls TRL's).
+then calls TRL's), ``SuccessfulRolloutTeacherContextBuilder.build`` (merges the feedback, then calls TRL's),
+``SDPOTrainer._setup_teacher_model`` (calls TRL's, then swaps its ``PEFTAdapterEMACallback`` for ours),
+``Trainer.train`` and ``Trainer._save_checkpoint`` (the teacher file, then transformers' own).
 Used, not overridden: ``_get_teacher_context_for_self_distillation``, ``teacher_model``, ``model_kwarg_keys``,
 ``current_gradient_accumulation_steps``, ``_metrics``, ``_log_self_distillation_metric``,
 ``trl.models.utils._ForwardRedirection``, ``trl.trainer.utils.maybe_gather_lm_head_ctx``.
 
+Where it differs from TRL's trainer (README, "In TRL"):
+
+- checkpoints carry the EMA teacher (:mod:`sdpo_ops.adapters.trl_teacher`: ``sdpo_teacher.safetensors`` in each
+  checkpoint folder, restored before the first resumed step; TRL rebuilds it from the base model), and the LoRA
+  EMA teacher works under FSDP2 (TRL's ``PEFTAdapterEMACallback`` fails on DTensor shards);
+- under autocast on CPU the fused head keeps fp32 operands, so its logits stay fp32 where TRL's lm_head rounds
+  them to bf16 (on CUDA the kernels keep fp32 logits from bf16 operands);
+- configs TRL accepts but fails on after a rollout (or silently misreads) are rejected in ``__init__``.
+
 Models whose logits are not ``hidden @ lm_head.weight^T (+ bias)`` (logit scaling, final logit
 softcapping, PEFT adapters on the lm_head, prompt-learning PEFT) are refused with an error: the fused loss
-would silently optimise another objective.
+would silently optimise another objective. An undeclared transform is caught at the first step by comparing
+the model's own logits with the fused head's, in eval mode from one seed (dropout cannot make them differ).
 """
 
 from __future__ import annotations
