@@ -11,6 +11,7 @@ adapter did before; ``bf16_head``). Reported against the fp32 run:
   does not, the two runs train on different data and the difference is no longer numerical).
 
     PYTHONPATH=. python tests/scripts/measure_trl_bf16.py --seeds 0 1 2 3 4 --out bf16.json
+    PYTHONPATH=. python tests/scripts/measure_trl_bf16.py --device cuda   # the Triton kernels (needs a GPU)
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ class Record(TrainerCallback):
             self.weights_after_step1 = {n: v.detach().float().clone() for n, v in model.state_dict().items()}
 
 
-def train(trainer_class, model_dir, tokenizer, output_dir, seed, bf16):
+def train(trainer_class, model_dir, tokenizer, output_dir, seed, bf16, use_cpu=True):
     args = tiny_sdpo_config(
         output_dir,
+        use_cpu=use_cpu,
         max_steps=4,
         bf16=bf16,
         seed=seed,
@@ -111,15 +113,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: the Triton path")
     options = parser.parse_args()
+    use_cpu = options.device == "cpu"
     tokenizer = make_tokenizer()
     results = []
     with tempfile.TemporaryDirectory() as root:
         for seed in options.seeds:
             model_dir = save_model(Path(root) / f"model{seed}", tokenizer, make_model(len(tokenizer), seed=seed))
             initial = {n: v.float().clone() for n, v in make_model(len(tokenizer), seed=seed).state_dict().items()}
-            fp32 = train(TRLSDPOTrainer, model_dir, tokenizer, Path(root) / "o", seed, bf16=False)
-            ours_fp32 = train(SDPOTrainer, model_dir, tokenizer, Path(root) / "o", seed, bf16=False)
+            fp32 = train(TRLSDPOTrainer, model_dir, tokenizer, Path(root) / "o", seed, False, use_cpu)
+            ours_fp32 = train(SDPOTrainer, model_dir, tokenizer, Path(root) / "o", seed, False, use_cpu)
             row = {"seed": seed, "fp32_losses": fp32["losses"], "ours_fp32": compare(ours_fp32, fp32, initial)}
             for name, trainer_class in (
                 ("trl_bf16", TRLSDPOTrainer),
@@ -127,7 +131,7 @@ def main() -> None:
                 ("ours_bf16_with_bf16_head", BF16HeadSDPOTrainer),
             ):
                 row[name] = compare(
-                    train(trainer_class, model_dir, tokenizer, Path(root) / "o", seed, True), fp32, initial
+                    train(trainer_class, model_dir, tokenizer, Path(root) / "o", seed, True, use_cpu), fp32, initial
                 )
             results.append(row)
             print(json.dumps(row), flush=True)
