@@ -151,15 +151,19 @@ def _logit_grad_kernel(
     if HAS_TARGET:
         # the target column, unless a top-K entry above already carried its term
         target_outside_topk = tl.sum(is_target.to(tl.int32), axis=0) == 0
-        z_t = _on_load(tl.load(logits_row + target).to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP)
+        # an out-of-range id (a caller bug, caught by the device-side assert of sdpo_loss) touches no memory
+        target_in_range = (target >= 0) & (target < V)
+        z_t = tl.load(logits_row + target, mask=target_in_range, other=0.0).to(tl.float32)
+        z_t = _on_load(z_t, pre_scale, softcap_bound, HAS_SOFTCAP)
         if HAS_TEACHER:
-            u_t = _on_load(tl.load(teacher_row + target).to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP)
+            u_t = tl.load(teacher_row + target, mask=target_in_range, other=0.0).to(tl.float32)
+            u_t = _on_load(u_t, pre_scale, softcap_bound, HAS_SOFTCAP)
         else:
             u_t = z_t
         dz_t = _dense_logit_grad(z_t, student_lse, dense_coef, u_t, teacher_lse, row_scale, alpha,
                                  log_one_minus_alpha, log_alpha, HAS_TEACHER, ALPHA_MODE) + target_scale  # fmt: skip
         dz_t = tl.where(live, _chain_to_raw(dz_t, z_t, scale, inv_softcap_bound, HAS_SOFTCAP), 0.0)
-        tl.store(out_row + target, dz_t.to(out_ptr.dtype.element_ty), mask=target_outside_topk & live)
+        tl.store(out_row + target, dz_t.to(out_ptr.dtype.element_ty), mask=target_outside_topk & live & target_in_range)
 
 
 def logit_grad(
