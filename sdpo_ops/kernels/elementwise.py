@@ -1,4 +1,4 @@
-"""Elementwise Triton math shared by the kernels: expm1, tanh and the logit transform applied on load.
+"""Triton math shared by the kernels: expm1, tanh, the logit transform applied on load, the target-logit read.
 
 Triton has no portable ``expm1``/``tanh`` across releases 3.6-3.9 and the interpreter (libdevice names and
 their interpreter support differ), so both are written here from ``exp`` with care near 0.
@@ -45,3 +45,17 @@ def _on_load(y, pre_scale, softcap_bound, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         return softcap_bound * _tanh(x)
     return x
+
+
+@triton.jit
+def _store_target_logit(row_ptr, stride_v, target_ids_ptr, target_logit_ptr, row, V, pre_scale, softcap_bound,
+                        HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr):  # fmt: skip
+    """``target_logit[row] = z[target[row]]`` (0 without targets); an out-of-range id (a caller bug) reads
+    nothing and gives NaN instead of touching other memory."""
+    if HAS_TARGET:
+        target = tl.load(target_ids_ptr + row)
+        in_range = (target >= 0) & (target < V)
+        y = tl.load(row_ptr + target * stride_v, mask=in_range, other=float("nan")).to(tl.float32)
+        tl.store(target_logit_ptr + row, _on_load(y, pre_scale, softcap_bound, HAS_SOFTCAP))
+    else:
+        tl.store(target_logit_ptr + row, 0.0)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sdpo_ops.kernels.elementwise import _on_load
+from sdpo_ops.kernels.elementwise import _on_load, _store_target_logit
 from sdpo_ops.kernels.launch import launch
 
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
@@ -190,14 +190,8 @@ def _student_row_stats_kernel(
         tl.store(topk_logits_ptr + pid_n * stride_topk_logits_c + offs_k, value, mask=offs_k < K)
         tl.store(topk_index_ptr + pid_n * stride_topk_index_c + offs_k, index, mask=offs_k < K)
 
-    if HAS_TARGET:
-        target = tl.load(target_ids_ptr + pid_n)
-        # out-of-range ids (a caller bug) read nothing and give NaN instead of touching other memory
-        in_range = (target >= 0) & (target < V)
-        target_logit = tl.load(row_ptr + target * stride_logits_v, mask=in_range, other=float("nan"))
-        tl.store(target_logit_ptr + pid_n, _on_load(target_logit.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP))
-    else:
-        tl.store(target_logit_ptr + pid_n, 0.0)
+    _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V, pre_scale, softcap_bound,
+                        HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
 
 
 def student_row_stats(

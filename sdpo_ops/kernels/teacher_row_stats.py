@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sdpo_ops.kernels.elementwise import _on_load
+from sdpo_ops.kernels.elementwise import _on_load, _store_target_logit
 from sdpo_ops.kernels.launch import launch
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
@@ -74,13 +74,8 @@ def _teacher_row_stats_kernel(
     gathered = _on_load(gathered, pre_scale, softcap_bound, HAS_SOFTCAP)
     tl.store(gathered_ptr + pid_n * stride_gathered_c + offs_j, gathered, mask=in_j)
 
-    if HAS_TARGET:
-        target = tl.load(target_ids_ptr + pid_n)
-        target_in_range = (target >= 0) & (target < V)
-        target_logit = tl.load(row_ptr + target * stride_logits_v, mask=target_in_range, other=float("nan"))
-        tl.store(target_logit_ptr + pid_n, _on_load(target_logit.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP))
-    else:
-        tl.store(target_logit_ptr + pid_n, 0.0)
+    _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V, pre_scale, softcap_bound,
+                        HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
 
 
 def teacher_row_stats(
