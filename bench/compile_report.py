@@ -13,8 +13,8 @@ the compiled code is read:
   ``n_spills`` (``CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4`` in its driver);
 - the width of each *row access*: a ``tl.load``/``tl.store`` whose pointer is ``<row pointer> + cols``
   (the kernels' name for the column vector of a row tile; the student's candidate sub-blocks included),
-  read from the PTX instructions that its source line produced (``.loc`` line info), and the count of
-  128-bit global loads (``LDG.E.128``) in the SASS.
+  read from the inline PTX global accesses that its source line compiled to (debug locations of the LLVM
+  IR), and the count of 128-bit global loads (``LDG.E.128``) in the SASS.
 
 Assumption (the only one not read from the call): tensor allocations are 16-byte aligned. The CUDA caching
 allocator hands out 512-byte aligned blocks; a meta tensor's ``data_ptr()`` is its byte offset from an
@@ -274,31 +274,87 @@ def _access_bits(modifiers: str) -> int:
     return vector * element
 
 
-def row_accesses(spec: Specialisation, ptx: str) -> list[RowAccess]:
-    """The row accesses of the kernel's source file and the PTX global accesses each one compiled to."""
-    source_file = spec.kernel.fn.__code__.co_filename
-    source_lines = Path(source_file).read_text().splitlines()
+_LLVM_BITS = {"half": 16, "bfloat": 16, "float": 32, "double": 64}
+
+
+def _llvm_type_bits(llvm_type: str) -> int:
+    """Bits of an LLVM IR value type: ``<4 x float>`` -> 128, ``i64`` -> 64."""
+    vector = re.fullmatch(r"<(\d+) x (\w+)>", llvm_type)
+    count, element = (int(vector.group(1)), vector.group(2)) if vector else (1, llvm_type)
+    return count * (int(element[1:]) if element.startswith("i") else _LLVM_BITS.get(element, 0))
+
+
+def global_accesses(llir: str) -> list[tuple[str, int, str, int]]:
+    """``(kind, bits, file, line)`` of every global memory access in the LLVM IR of a compiled kernel.
+
+    Triton lowers global loads and stores to inline PTX (``ld.global.v4.b32`` ...), which reaches the PTX as
+    written; a native ``load``/``store`` on ``addrspace(1)`` is read as well. The source line is the debug
+    location of the instruction: the PTX's ``.loc`` lines are no guide, since from triton 3.9 on a load in a
+    loop is emitted under the ``.loc`` of a later line.
+    """
+    metadata = dict(re.findall(r"^(!\d+) = (.*)$", llir, re.M))
+
+    def file_of(scope: str) -> str:
+        for _ in range(64):  # scope chains are short; the bound only guards against a cycle
+            node = metadata.get(scope, "")
+            if node.startswith("!DIFile"):
+                fields = dict(re.findall(r'(\w+): "([^"]*)"', node))
+                return os.path.join(fields.get("directory", ""), fields.get("filename", ""))
+            link = re.search(r"\bfile: (!\d+)", node) or re.search(r"\bscope: (!\d+)", node)
+            if link is None:
+                return ""
+            scope = link.group(1)
+        return ""
+
+    accesses = []
+    for text in llir.splitlines():
+        dbg = re.search(r"!dbg (!\d+)", text)
+        location = (
+            re.match(r"!DILocation\(line: (\d+).*?scope: (!\d+)", metadata.get(dbg.group(1), "")) if dbg else None
+        )
+        if location is None:
+            continue
+        where = (file_of(location.group(2)), int(location.group(1)))
+        if " asm " in text:
+            ptx = text.replace("\\0A", "\n").replace("\\09", "\t")  # LLVM escapes newline and tab in asm strings
+            accesses += [(kind, _access_bits(modifiers), *where) for kind, modifiers in _PTX_ACCESS.findall(ptx)]
+        elif native := re.search(r"= load (<[^>]+>|\w+), ptr addrspace\(1\)", text):
+            accesses.append(("ld", _llvm_type_bits(native.group(1)), *where))
+        elif native := re.search(r"\bstore (<[^>]+>|\w+) [^,]+, ptr addrspace\(1\)", text):
+            accesses.append(("st", _llvm_type_bits(native.group(1)), *where))
+    return accesses
+
+
+def _jit_source_lines(kernel) -> dict[tuple[str, int], str]:
+    """``(file, line) -> text`` of the kernel and the ``@triton.jit`` helpers in its module's namespace.
+
+    The text each JITFunction captured when it was defined, i.e. what was compiled: the file on disk may
+    have been edited since (line numbers shifted) while this process runs.
+    """
+    lines = {}
+    for value in [kernel, *kernel.fn.__globals__.values()]:
+        if isinstance(value, JITFunction):
+            file = os.path.realpath(value.fn.__code__.co_filename)
+            for offset, text in enumerate(value.raw_src):
+                lines[(file, value.starting_line_number + offset)] = text
+    return lines
+
+
+def row_accesses(spec: Specialisation, llir: str) -> list[RowAccess]:
+    """The row accesses of the kernel (and its helpers) and the global accesses each one compiled to."""
     wanted = {}
-    for number, text in enumerate(source_lines, start=1):
+    for where, text in _jit_source_lines(spec.kernel).items():
         match = _ROW_ACCESS.search(text)
         if match:
-            wanted[number] = match.group(1)
-    file_ids = {
-        int(match.group(1)) for match in re.finditer(r'^\s*\.file\s+(\d+)\s+"([^"]+)"', ptx, re.M)
-        if os.path.samefile(match.group(2), source_file)
-    }  # fmt: skip
-    widths: dict[int, list[int]] = {number: [] for number in wanted}
-    current_line = None
-    for text in ptx.splitlines():
-        loc = re.match(r"\s*\.loc\s+(\d+)\s+(\d+)", text)
-        if loc:
-            current_line = int(loc.group(2)) if int(loc.group(1)) in file_ids else None
-            continue
-        access = _PTX_ACCESS.search(text)
-        if access and current_line in wanted and access.group(1) == ("ld" if wanted[current_line] == "load" else "st"):
-            widths[current_line].append(_access_bits(access.group(2)))
-    # lines of other kernels in the same file compile to nothing here: only report what this kernel has
-    return [RowAccess(wanted[number], number, tuple(bits)) for number, bits in widths.items() if bits]
+            wanted[where] = "ld" if match.group(1) == "load" else "st"
+    widths: dict[tuple[str, int], list[int]] = {where: [] for where in wanted}
+    for kind, bits, file, line in global_accesses(llir):
+        where = (os.path.realpath(file), line)
+        if wanted.get(where) == kind:
+            widths[where].append(bits)
+    # helpers' lines that this kernel does not call compile to nothing here: report what it has
+    kinds = {"ld": "load", "st": "store"}
+    return [RowAccess(kinds[wanted[where]], where[1], tuple(bits)) for where, bits in sorted(widths.items()) if bits]
 
 
 def compile_specialisation(spec: Specialisation, modes: list[str]) -> CompileResult:
@@ -307,7 +363,7 @@ def compile_specialisation(spec: Specialisation, modes: list[str]) -> CompileRes
         ASTSource(spec.kernel, spec.signature, spec.constexprs, spec.attrs), target=SM90, options=spec.options
     )
     seconds = time.perf_counter() - start
-    cubin, ptx = compiled.asm["cubin"], compiled.asm["ptx"]
+    cubin = compiled.asm["cubin"]
     registers, local_bytes = _resource_usage(cubin)
     sass = _sass(cubin)
     return CompileResult(
@@ -320,7 +376,7 @@ def compile_specialisation(spec: Specialisation, modes: list[str]) -> CompileRes
         registers=registers,
         spills=local_bytes // 4,
         spill_instructions=len(re.findall(r"\bSTL\b", sass)),
-        row_accesses=row_accesses(spec, ptx),
+        row_accesses=row_accesses(spec, compiled.asm["llir"]),
         sass_ldg=len(re.findall(r"\bLDG\b", sass)),
         sass_ldg_128=len(re.findall(r"\bLDG\.E\.128\b", sass)),
         compile_seconds=seconds,
@@ -347,12 +403,13 @@ def compile_production(modes=MODES, log=None) -> list[CompileResult]:
     return results
 
 
-# constexprs that identify a specialisation to a reader; derived sizes are in the details section
-_KEY_CONSTEXPRS = ("K_PAD", "HAS_TOPK", "HAS_TARGET", "HAS_TEACHER", "ALPHA_MODE", "ADD_TAIL", "HAS_SUPPORT", "HAS_IS")
-
-
 def _summary(result: CompileResult) -> str:
-    shown = [f"{name}={value}" for name, value in result.constexprs.items() if name in _KEY_CONSTEXPRS]
+    # the flags, ALPHA_MODE, K_PAD and the tile widths identify a specialisation; the details list everything
+    shown = [
+        f"{name}={value}"
+        for name, value in result.constexprs.items()
+        if isinstance(value, bool) or name in ("ALPHA_MODE", "K_PAD")
+    ]
     block = [f"{name}={value}" for name, value in result.constexprs.items() if name.startswith("BLOCK")]
     # a pointer off 16 bytes (a view at an odd offset, e.g. chunk rows of an [N] output) is a specialisation
     # of its own: one more JIT compile on the GPU, and no vector access through it
@@ -383,7 +440,7 @@ def _row_access_text(accesses: list[RowAccess], kind: str) -> str:
     return "; ".join(f"L{access.line}: " + "/".join(str(width) for width in access.widths) for access in chosen)
 
 
-def markdown(results: list[CompileResult]) -> str:
+def markdown(results: list[CompileResult], source_state: str) -> str:
     version = triton.__version__
     lines = [
         f"# sm_90 compile of the production specialisations (triton {version})",
@@ -392,11 +449,11 @@ def markdown(results: list[CompileResult]) -> str:
         f'of `sdpo_loss(..., backend="triton")` and its backward traced on meta tensors at N={SHAPE["N"]}, '
         f"H={SHAPE['H']}, V={SHAPE['V']}, bf16, specialised by Triton's own JIT code (16-byte aligned "
         'allocations assumed) and compiled for `GPUTarget("cuda", 90, 32)` with the wheel\'s ptxas. '
-        f"Compiler figures, not GPU measurements. Kernels of {_source_state()}.",
+        f"Compiler figures, not GPU measurements. Kernels of {source_state}.",
         "",
         "- registers: `REG` of `cuobjdump -res-usage` (the driver's `n_regs`); spills: `LOCAL` bytes / 4 "
         "(Triton's `n_spills`), STL: spill stores in the SASS;",
-        "- row loads / stores: bits per PTX global access compiled from each source line that reads or writes "
+        "- row loads / stores: bits per global access (inline PTX) compiled from each source line that reads or writes "
         "`<row pointer> + cols` (L = line in the kernel's file; 128 = vectorised); LDG.E.128: 128-bit global "
         "loads of all LDG in the SASS.",
         "",
@@ -443,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown modes {sorted(unknown)}")
         modes = tuple(mode for mode in MODES if mode.name in args.modes)
     log = None if args.json else (lambda message: print(message, file=sys.stderr))
+    source_state = _source_state()  # before the kernels are imported: what they were read from
     results = compile_production(modes, log=log)
-    text = markdown(results)
+    text = markdown(results, source_state)
     if args.json:
         report = {
             "triton": triton.__version__,

@@ -16,9 +16,9 @@ forward (``mode="fwd"``, under ``torch.no_grad()``) or forward+backward (``"fwd+
   ``jsd_beta`` *is* our ``alpha``: its loss is ``beta KL(teacher || M) + (1 - beta) KL(student || M)`` with
   ``M = beta teacher + (1 - beta) student`` (forward KL at 0, reverse KL at 1), a token-mean over the
   labels that are not ``ignore_index``, which is how the mask is passed.
-- ``floor``: the four GEMMs no implementation can avoid, with ``torch.mm`` on the same token chunks:
-  student logits, teacher logits, ``dH = dZ Ws`` and ``dW += dZ^T Hs`` (the logits buffer stands in for
-  ``dZ``). ``fwd`` mode: the two logits GEMMs.
+- ``floor``: the four GEMMs no implementation can avoid, issued as ``sdpo_loss`` issues them: student and
+  teacher logits per token chunk, ``dH = dZ Ws`` and ``dW += dZ^T Hs`` per block of staged rows into an fp32
+  accumulator (``run_floor`` says why that is the honest floor). ``fwd`` mode: the two logits GEMMs.
 """
 
 from __future__ import annotations
@@ -160,27 +160,55 @@ class Contender:
 # --- the floor -------------------------------------------------------------------------------------------
 
 
-def run_floor(inputs: Inputs, mode: str, chunk_rows: int) -> tuple[Tensor | None, Tensor | None]:
-    """The unavoidable GEMMs over token chunks of ``chunk_rows``; returns ``(dH [N, H], dW [V, H])``
-    computed with the student logits standing in for ``dZ`` (``None, None`` in ``fwd`` mode)."""
+def run_floor(
+    inputs: Inputs, mode: str, chunk_rows: int, logit_grad: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """The unavoidable GEMMs, issued exactly as ``sdpo_loss`` issues them; returns ``(dH [N, H], dW [V, H])``.
+
+    Per chunk of ``chunk_rows`` tokens: the student and teacher logits into fp32 ``[C, V]`` buffers (fp32
+    output from bf16 operands on CUDA). Per block of staged rows (``sdpo_ops.chunked.stage_rows_for``, >= 1536
+    on CUDA): ``dH = dZ Ws`` and ``dW += dZ^T Hs`` into an fp32 accumulator, with a GEMM-dtype buffer of the
+    block's size standing in for dZ. The accumulator's read+write per block is part of the honest floor: a
+    floor that added each small chunk straight into dW would be memory-bound; one that never accumulated in
+    fp32 would skip traffic any unbiased training must pay. ``None, None`` in ``fwd`` mode.
+    ``logit_grad`` (``[stage rows, V]``, default random) is the dZ stand-in every block reuses.
+    """
+    from sdpo_ops.chunked import (
+        FusedOptions,
+        _accumulate_weight_grad,
+        _logits_into,
+        _uses_fp32_output_mm,
+        accumulation_dtype,
+        stage_rows_for,
+    )
+
     hs, ws = inputs.student_hidden.detach(), inputs.student_weight.detach()
     ht, wt = inputs.teacher_hidden, inputs.teacher_weight
     n, v = hs.shape[0], ws.shape[0]
     rows = min(chunk_rows, n)
+    options = FusedOptions(None, True, 0.5, None, 1.0, rows, True)
+    backward = mode == FWD_BWD
     with torch.no_grad():
-        zs = torch.empty(rows, v, dtype=hs.dtype, device=hs.device)
-        zt = torch.empty(rows, v, dtype=ht.dtype, device=ht.device)
-        backward = mode == FWD_BWD
+        accumulate = accumulation_dtype(hs.dtype)
+        zs = torch.empty(rows, v, dtype=accumulate, device=hs.device)
+        zt = torch.empty(rows, v, dtype=accumulate, device=ht.device)
         dh = torch.empty_like(hs) if backward else None
-        dw = torch.zeros_like(ws) if backward else None
+        dw = torch.zeros(ws.shape, dtype=accumulate, device=ws.device) if backward else None
+        stage_rows = stage_rows_for(options, n, hs.device)
+        gemm_dtype = ws.dtype if _uses_fp32_output_mm(hs) else accumulate
+        if backward and logit_grad is None:
+            logit_grad = torch.randn(stage_rows, v, device=hs.device).to(gemm_dtype)
+        block_start = 0
         for start in range(0, n, rows):
             end = min(start + rows, n)
-            zs_c, zt_c = zs[: end - start], zt[: end - start]
-            torch.mm(hs[start:end], ws.t(), out=zs_c)
-            torch.mm(ht[start:end], wt.t(), out=zt_c)
-            if backward:
-                torch.mm(zs_c, ws, out=dh[start:end])
-                dw.addmm_(zs_c.t(), hs[start:end])
+            _logits_into(zs, hs[start:end], ws, None, options)
+            _logits_into(zt, ht[start:end], wt, None, options)
+            if backward and (end - block_start == stage_rows or end == n):  # a full block, or the last one
+                block, block_start = slice(block_start, end), end
+                dz = logit_grad[: block.stop - block.start]
+                gemm_grad = dz if dz.dtype == ws.dtype else dz.to(ws.dtype)
+                torch.mm(gemm_grad, ws, out=dh[block])
+                _accumulate_weight_grad(dw, dz, hs[block], overwrite=False)
     return dh, dw
 
 
@@ -214,7 +242,7 @@ def _naive_loss(inputs: Inputs, case: Case) -> Tensor:
     return out["loss"]
 
 
-def _sdpo_loss(backend: str) -> Callable[[Inputs, Case], Tensor]:
+def _sdpo_loss(backend: str, **transform) -> Callable[[Inputs, Case], Tensor]:
     def loss(inputs: Inputs, case: Case) -> Tensor:
         from sdpo_ops import sdpo_loss
 
@@ -225,6 +253,7 @@ def _sdpo_loss(backend: str) -> Callable[[Inputs, Case], Tensor]:
             inputs.teacher_weight,
             backend=backend,
             **_sdpo_kwargs(inputs, case),
+            **transform,
         )
 
     return loss
@@ -309,6 +338,12 @@ CONTENDERS: dict[str, Contender] = {
         Contender("naive", "sdpo_loss_reference (full logits)", _always, _naive_loss),
         Contender("sdpo_torch", 'sdpo_loss(backend="torch")', _sdpo_torch_unsupported, _sdpo_loss("torch")),
         Contender("sdpo_triton", 'sdpo_loss(backend="triton")', _sdpo_triton_unsupported, _sdpo_loss("triton")),
+        Contender(
+            "sdpo_torch_softcap",
+            'sdpo_loss(backend="torch", logit_softcap=30.0) (Gemma 2\'s final softcap)',
+            _sdpo_torch_unsupported,
+            _sdpo_loss("torch", logit_softcap=30.0),
+        ),
         Contender(
             "trl_chunked",
             "TRL ChunkedDivergenceFunction",

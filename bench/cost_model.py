@@ -119,16 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--topk", type=int, default=100)
+    parser.add_argument("--softcap", type=float, default=None, help="logit_softcap (Gemma 2: 30)")
     parser.add_argument("--out", type=Path, default=None, help="write the table to OUT/cost_model.md")
     args = parser.parse_args(argv)
-    traced = trace_call(args.tokens, args.hidden, args.vocab, topk=args.topk or None)
+    traced = trace_call(args.tokens, args.hidden, args.vocab, topk=args.topk or None, logit_softcap=args.softcap)
     results = [estimate(traced, gpu, args.tokens, args.hidden, args.vocab) for gpu in GPUS]
     shape = f"N={args.tokens}, H={args.hidden}, V={args.vocab}, K={args.topk or 'full vocabulary'}, bf16, fwd+bwd"
+    if args.softcap is not None:
+        shape += f", logit_softcap={args.softcap}"
     table = markdown(results, shape, traced)
     print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cost_model.md").write_text(table)
+        with (args.out / "cost_model.md").open("a") as results:
+            results.write(table + "\n")
     return 0
 
 

@@ -33,10 +33,11 @@ MEMORY_TARGET = 0.15
 TIME_TARGET = 1.5
 
 
-def run(repeats: int, calls: int, log=print) -> dict:
-    results: dict[str, list[dict]] = {name: [] for name in CONTENDERS}
+def measure_interleaved(contenders: tuple[str, ...], repeats: int, calls: int, log=print) -> dict[str, dict]:
+    """Each contender in fresh subprocesses, interleaved (A, B, A, B, ...); medians per contender."""
+    results: dict[str, list[dict]] = {name: [] for name in contenders}
     for repeat in range(repeats):
-        for name in CONTENDERS:
+        for name in contenders:
             spec = {"contender": name, "case": CASE.to_dict(), "seed": 0, "calls": calls, "device": "cpu"}
             result = measure_in_subprocess(spec)
             results[name].append(result)
@@ -60,6 +61,11 @@ def run(repeats: int, calls: int, log=print) -> dict:
             "threads": runs[0]["threads"],
             "runs": runs,
         }
+    return summary
+
+
+def run(repeats: int, calls: int, log=print) -> dict:
+    summary = measure_interleaved(CONTENDERS, repeats, calls, log)
     ours, naive = summary["sdpo_torch"], summary["naive"]
     ratios = {
         "memory_extra": ours["extra_bytes"] / naive["extra_bytes"],

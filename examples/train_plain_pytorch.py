@@ -7,6 +7,11 @@ script runs on a CPU in seconds; ``--model DIR`` trains a saved causal LM instea
 
     python examples/train_plain_pytorch.py --steps 8
     python examples/train_plain_pytorch.py --steps 2 --output result.json
+    python examples/train_plain_pytorch.py --steps 4 --checkpoint run/ckpt.pt           # saved after every step
+    python examples/train_plain_pytorch.py --steps 8 --checkpoint run/ckpt.pt --resume  # continues at step 5
+
+A resumed run ends exactly as an uninterrupted one (student, EMA teacher, optimizer, RNG and the logged
+history all come back from the checkpoint); a run killed while saving keeps the previous checkpoint.
 
 One optimizer step per batch of rollouts keeps training on-policy, so no ``old_logprobs`` (importance
 weights) are needed; with several steps per batch, pass the rollout log-probs to ``build_sdpo_batch``.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import string
 import time
@@ -28,7 +34,9 @@ from sdpo_ops.adapters import (
     RewardWithFeedback,
     build_sdpo_batch,
     build_teacher_batch,
+    load_checkpoint,
     pad_sequences,
+    save_checkpoint,
     sdpo_step,
     split_completions,
     split_scores_and_feedback,
@@ -100,7 +108,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default=None, help="write losses and weight changes to this JSON file")
+    parser.add_argument("--checkpoint", default=None, help="save the training state here after every step")
+    parser.add_argument("--resume", action="store_true", help="continue from --checkpoint (if it exists)")
     args = parser.parse_args()
+    if args.resume and args.checkpoint is None:
+        parser.error("--resume needs --checkpoint PATH")
 
     start = time.perf_counter()
     random.seed(args.seed)
@@ -119,7 +131,12 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
 
     losses, mean_rewards = [], []
-    for step in range(1, args.steps + 1):
+    completed_steps = 0
+    if args.resume and os.path.exists(args.checkpoint):
+        restored = load_checkpoint(args.checkpoint, model=model, teacher=teacher, optimizer=optimizer)
+        completed_steps, losses, mean_rewards = restored.step, restored.extra["losses"], restored.extra["mean_rewards"]
+        print(f"resumed from {args.checkpoint} after step {completed_steps}", flush=True)
+    for step in range(completed_steps + 1, args.steps + 1):
         # 1. Rollouts: each prompt repeated group_size times, consecutive (the group layout).
         letters = [random.choice(LETTERS) for _ in range(args.prompts_per_step)]
         letters = [letter for letter in letters for _ in range(args.group_size)]
@@ -171,6 +188,11 @@ def main() -> None:
             f"top-K mass {result.metrics['topk_mass_mean'].item():.3f}",
             flush=True,
         )
+        if args.checkpoint is not None:
+            history = {"losses": losses, "mean_rewards": mean_rewards}
+            save_checkpoint(
+                args.checkpoint, model=model, teacher=teacher, optimizer=optimizer, step=step, extra=history
+            )
 
     summary = {
         "losses": losses,

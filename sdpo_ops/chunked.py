@@ -101,29 +101,31 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, options: FusedOptions) -> Tensor:
-    """``out[:C] = z`` in fp32 (without a bf16 ``[C, V]`` copy): ``y = (hidden @ weight^T + bias) * logit_scale``,
-    ``y = softcap * tanh(y / softcap)`` when set, ``z = y / T``. The linear part runs in the GEMM's epilogue
-    where the dtypes allow; a softcap costs a ``tanh_`` and a ``mul_`` over the chunk."""
-    out = out[: hidden.shape[0]]
+def _linear_scale(options: FusedOptions) -> float:
+    """What multiplies ``h W^T + b`` before the row stages see it: ``logit_scale / T``, or for a softcapped head
+    ``logit_scale / softcap`` (the stages then apply ``(softcap / T) * tanh``)."""
     softcap = options.logit_softcap
-    linear = options.logit_scale / (options.temperature if softcap is None else softcap)
+    return options.logit_scale / (options.temperature if softcap is None else softcap)
+
+
+def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None, options: FusedOptions) -> float:
+    """``out[:C] = hidden @ weight^T + bias`` in fp32 (without a bf16 ``[C, V]`` copy), times the linear scale
+    where the GEMM's epilogue can apply it; returns the ``pre_scale`` the row stages apply on load for the rest
+    (no pass over the buffer for a scale, a temperature or a softcap)."""
+    out = out[: hidden.shape[0]]
+    linear = _linear_scale(options)
     if hidden.dtype == out.dtype:
         # one GEMM with bias and scale in its epilogue (beta = 0 ignores the old contents, NaN included)
         source = out if bias is None else bias
         torch.addmm(source, hidden, weight.t(), beta=0.0 if bias is None else linear, alpha=linear, out=out)
+        return 1.0
+    if _uses_fp32_output_mm(hidden):
+        torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
     else:
-        if _uses_fp32_output_mm(hidden):
-            torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
-        else:
-            out.copy_(torch.mm(hidden, weight.t()))
-        if bias is not None:
-            out.add_(bias)
-        if linear != 1.0:
-            out.mul_(linear)
-    if softcap is not None:
-        out.tanh_().mul_(softcap / options.temperature)
-    return out
+        out.copy_(torch.mm(hidden, weight.t()))
+    if bias is not None:
+        out.add_(bias)
+    return linear
 
 
 def _accumulate_weight_grad(accumulator: Tensor, logit_grad: Tensor, hidden: Tensor, overwrite: bool) -> None:
@@ -245,20 +247,23 @@ class _HiddenTeacher:
         return RowOutputs.allocate(num_tokens, topk, like.dtype, like.device)
 
     def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, chunk_out: RowOutputs,
-                    targets: Tensor | None) -> _ChunkStats:  # fmt: skip
+                    targets: Tensor | None, on_load: dict) -> _ChunkStats:  # fmt: skip
         count = zs.shape[0]
         topk = options.topk or 0
         s_topk, s_target = self.student_topk[:count], self.student_target[:count]
         row_ops.student_row_stats(
-            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target)
-        )
-        zt = _logits_into(self.buffer, self.hidden[rows], self.weight, self.bias, options)
+            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target), **on_load
+        )  # fmt: skip
+        zt = self.buffer[:count]
+        _logits_into(zt, self.hidden[rows], self.weight, self.bias, options)
         t_topk, t_target = self.teacher_topk[:count], self.teacher_target[:count]
-        row_ops.teacher_row_stats(zt, chunk_out.topk_index, targets, out=(chunk_out.teacher_lse, t_topk, t_target))
+        row_ops.teacher_row_stats(
+            zt, chunk_out.topk_index, targets, out=(chunk_out.teacher_lse, t_topk, t_target), **on_load
+        )  # fmt: skip
         if options.topk is None:
             row_ops.full_vocab_divergence(
                 zs, zt, chunk_out.student_lse, chunk_out.teacher_lse, options.alpha,
-                out=(chunk_out.divergence, chunk_out.dense_grad),
+                out=(chunk_out.divergence, chunk_out.dense_grad), **on_load,
             )  # fmt: skip
             return _ChunkStats(None, None, s_target, t_target, (zt, chunk_out.teacher_lse, options.alpha))
         return _ChunkStats(s_topk, t_topk, s_target, t_target, None)
@@ -288,10 +293,12 @@ class _TopKLogprobTeacher:
         return outputs
 
     def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, chunk_out: RowOutputs,
-                    targets: Tensor | None) -> _ChunkStats:  # fmt: skip
+                    targets: Tensor | None, on_load: dict) -> _ChunkStats:  # fmt: skip
         count = zs.shape[0]
         s_topk, s_target = self.student_topk[:count], self.student_target[:count]
-        row_ops.teacher_row_stats(zs, chunk_out.topk_index, targets, out=(chunk_out.student_lse, s_topk, s_target))
+        row_ops.teacher_row_stats(
+            zs, chunk_out.topk_index, targets, out=(chunk_out.student_lse, s_topk, s_target), **on_load
+        )  # fmt: skip
         return _ChunkStats(s_topk, self.logprobs[rows], s_target, chunk_out.teacher_lse, None)
 
     def release(self) -> None:
@@ -347,8 +354,11 @@ def _fused_forward(
         rows = slice(start, min(start + chunk, num_tokens))
         chunk_out = outputs.rows(rows)
         targets = None if target_ids is None else target_ids[rows]
-        zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, options)
-        stats = teacher.chunk_stats(row_ops, options, zs, rows, chunk_out, targets)
+        zs = student_buffer[: rows.stop - rows.start]
+        pre_scale = _logits_into(zs, student_hidden[rows], student_weight, student_bias, options)
+        # what the GEMM's epilogue did not apply (scale, softcap), every row stage applies on load
+        on_load = {"pre_scale": pre_scale, "softcap_bound": options.softcap_bound}
+        stats = teacher.chunk_stats(row_ops, options, zs, rows, chunk_out, targets, on_load)
         has_target = targets is not None
         row_ops.row_loss_(
             chunk_out,
@@ -366,7 +376,7 @@ def _fused_forward(
             row_ops.logit_grad(
                 zs, chunk_out.student_lse, chunk_out.row_scale, chunk_out.dense_grad, chunk_out.topk_index,
                 chunk_out.sparse_grad, None, None, options.grad_scale, stats.full_vocab_teacher,
-                out=staged.slot(rows), softcap_bound=options.softcap_bound,
+                out=staged.slot(rows), **on_load,
             )  # fmt: skip
     if staged is not None:
         staged.flush()
@@ -546,16 +556,18 @@ def _recompute_pass(
     staged = _StagedGradients(grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device))
     for start in range(0, num_tokens, chunk):
         rows = slice(start, min(start + chunk, num_tokens))
-        zs = _logits_into(student_buffer, student_hidden[rows], student_weight, student_bias, options)
+        zs = student_buffer[: rows.stop - rows.start]
+        pre_scale = _logits_into(zs, student_hidden[rows], student_weight, student_bias, options)
         teacher = None
         if teacher_buffer is not None:
-            zt = _logits_into(teacher_buffer, teacher_hidden[rows], teacher_weight, teacher_bias, options)
+            zt = teacher_buffer[: rows.stop - rows.start]
+            _logits_into(zt, teacher_hidden[rows], teacher_weight, teacher_bias, options)
             teacher = (zt, saved.teacher_lse[rows], options.alpha)
         has_target = target_scale is not None
         row_ops.logit_grad(
             zs, saved.student_lse[rows], loss_scale[rows], saved.dense_grad[rows], saved.topk_index[rows],
             saved.sparse_grad[rows], target_ids[rows] if has_target else None,
             target_scale[rows] if has_target else None, options.grad_scale, teacher, out=staged.slot(rows),
-            softcap_bound=options.softcap_bound,
+            pre_scale=pre_scale, softcap_bound=options.softcap_bound,
         )  # fmt: skip
     staged.flush()

@@ -6,7 +6,11 @@ signatures and semantics, as Triton kernels; the Function takes either namespace
 the same host orchestration the GPU runs. Results go straight into the caller's tensors (``out=``, or the
 chunk's rows of ``RowOutputs``).
 
-All logits here are fp32 and already divided by the temperature.
+All logits here are fp32 and already divided by the temperature. For a softcapped head the buffer holds the
+pre-tanh values and every stage takes ``softcap_bound = softcap / T``; ``pre_scale`` is the part of the logit
+scale the chunk GEMM's epilogue could not apply (bf16 on CUDA). Each stage works on
+``_on_load(buffer) = bound * tanh(buffer * pre_scale)`` (or ``buffer * pre_scale``), as the Triton kernels do
+on load: no transform ever makes a pass over the buffer.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from sdpo_ops.reference import importance_weight
 from sdpo_ops.row_outputs import RowOutputs
 
 
+def _on_load(buffer: Tensor, pre_scale: float, softcap_bound: float | None) -> Tensor:
+    """The logits from a chunk buffer, as ``sdpo_ops.kernels.elementwise._on_load`` computes them."""
+    logits = buffer if pre_scale == 1.0 else buffer * pre_scale
+    return logits if softcap_bound is None else softcap_bound * torch.tanh(logits)
+
+
 def _into(out: tuple[Tensor, ...] | None, values: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     if out is None:
         return values
@@ -28,7 +38,13 @@ def _into(out: tuple[Tensor, ...] | None, values: tuple[Tensor, ...]) -> tuple[T
 
 
 def student_row_stats(
-    logits: Tensor, topk: int, target_ids: Tensor | None, *, out: tuple[Tensor, ...] | None = None
+    logits: Tensor,
+    topk: int,
+    target_ids: Tensor | None,
+    *,
+    out: tuple[Tensor, ...] | None = None,
+    pre_scale: float = 1.0,
+    softcap_bound: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-sum-exp, top-K and target logit per row of the student's logits.
 
@@ -41,6 +57,7 @@ def student_row_stats(
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``; ``target_logit`` is
         zeros when ``target_ids`` is None. Top-K order is unspecified (ties: any consistent choice).
     """
+    logits = _on_load(logits, pre_scale, softcap_bound)
     lse = torch.logsumexp(logits, dim=-1)
     if topk > 0:
         topk_logits, topk_index = torch.topk(logits, topk, dim=-1, sorted=False)
@@ -52,7 +69,13 @@ def student_row_stats(
 
 
 def teacher_row_stats(
-    logits: Tensor, index: Tensor, target_ids: Tensor | None = None, *, out: tuple[Tensor, ...] | None = None
+    logits: Tensor,
+    index: Tensor,
+    target_ids: Tensor | None = None,
+    *,
+    out: tuple[Tensor, ...] | None = None,
+    pre_scale: float = 1.0,
+    softcap_bound: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-sum-exp per row of the teacher's logits, the logits at the given columns and at the target.
 
@@ -64,6 +87,7 @@ def teacher_row_stats(
     Returns:
         ``(lse [C], gathered [C, J], target_logit [C])``; ``target_logit`` is zeros without targets.
     """
+    logits = _on_load(logits, pre_scale, softcap_bound)
     lse = torch.logsumexp(logits, dim=-1)
     target_logit = torch.zeros_like(lse) if target_ids is None else logits.gather(1, target_ids[:, None]).squeeze(1)
     return _into(out, (lse, logits.gather(1, index), target_logit))
@@ -77,6 +101,8 @@ def full_vocab_divergence(
     alpha: float,
     *,
     out: tuple[Tensor, Tensor] | None = None,
+    pre_scale: float = 1.0,
+    softcap_bound: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Full-vocabulary GJSD per row and the row sum of its gradient w.r.t. the student log-probs.
 
@@ -86,6 +112,10 @@ def full_vocab_divergence(
     Returns:
         ``(divergence [C], grad_sum [C])`` with ``grad_sum = sum_j dD/ds_j``.
     """
+    student_logits, teacher_logits = (
+        _on_load(student_logits, pre_scale, softcap_bound),
+        _on_load(teacher_logits, pre_scale, softcap_bound),
+    )
     divergence, grad = generalized_jsd_and_grad(
         student_logits - student_lse[:, None], teacher_logits - teacher_lse[:, None], alpha
     )
@@ -149,6 +179,7 @@ def logit_grad(
     teacher: tuple[Tensor, Tensor, float] | None = None,
     *,
     out: Tensor,
+    pre_scale: float = 1.0,
     softcap_bound: float | None = None,
 ) -> Tensor:
     """The gradient of the loss w.r.t. the raw student head outputs of one chunk, written into ``out``.
@@ -156,8 +187,8 @@ def logit_grad(
     Per row, with ``r = row_scale``, ``c = target_scale`` (0 without it) and ``S = softmax(z)``:
     ``dz_j = scale * (r g_j - S_j (r dense + c) + r sparse_k [j = index_k] + c [j = target])``; the elementwise
     ``g_j = dD/ds_j`` exists only in full-vocabulary mode (``teacher = (teacher_logits [C, V], teacher_lse [C],
-    alpha)``); ``scale`` is ``logit_scale / temperature``, times ``1 - (z_j / softcap_bound)^2`` when the logits
-    were softcapped (``z = bound * tanh(...)``). Rows with ``r = 0`` and ``c = 0`` are exact zeros.
+    alpha)``); ``scale`` is ``logit_scale / temperature``, times ``1 - tanh^2 = 1 - (z_j / softcap_bound)^2`` for a
+    softcapped head (``z = bound * tanh(buffer)``). Rows with ``r = 0`` and ``c = 0`` are exact zeros.
     Deterministic: a column listed twice (the target among the top-K) gets its terms summed before one write.
 
     Args:
@@ -176,10 +207,12 @@ def logit_grad(
         index = torch.cat([index, target_ids[:, None]], 1)
         sparse = torch.cat([sparse, target_scale[:, None]], 1)
         live = live | (target_scale != 0)
+    student_logits = _on_load(student_logits, pre_scale, softcap_bound)
     log_probs = student_logits - student_lse[:, None]
     grad = log_probs.exp().mul_(-dense[:, None])
     if teacher is not None:
         teacher_logits, teacher_lse, alpha = teacher
+        teacher_logits = _on_load(teacher_logits, pre_scale, softcap_bound)
         _, divergence_grad = generalized_jsd_and_grad(log_probs, teacher_logits - teacher_lse[:, None], alpha)
         grad.add_(divergence_grad.mul_(torch.where(has_divergence, row_scale, 0.0)[:, None]))
     merged = ((index[:, :, None] == index[:, None, :]) * sparse[:, None, :]).sum(-1)

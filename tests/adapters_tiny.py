@@ -1,4 +1,4 @@
-"""A tiny Qwen2 causal LM and a character-level chat tokenizer for the adapter tests (CPU, milliseconds)."""
+"""Tiny causal LMs (Qwen2, OPT), a character-level chat tokenizer and TRL set-ups for the adapter tests (CPU, ms)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import string
 
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
 CHARACTERS = string.ascii_letters + string.digits + " \n.,:;!?<>/'-_()=+"
@@ -48,3 +48,74 @@ def make_model(vocab_size: int, *, seed: int = 0, tie_word_embeddings: bool = Fa
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     return model.eval()
+
+
+def make_opt_model(vocab_size: int, *, seed: int = 0, **overrides) -> OPTForCausalLM:
+    """A 2-layer OPT with hidden size 32 and OPT's default ``dropout=0.1``: applied functionally
+    (``nn.functional.dropout``), so TRL's ``disable_dropout`` leaves it live in training mode."""
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        word_embed_proj_dim=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        **overrides,
+    )
+    model = OPTForCausalLM(config)
+    assert config.dropout > 0, "the point of this model is its live dropout"
+    # Tied head and embeddings: widen the logits 5x (20x would make the model echo its input).
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5.0)
+    return model.eval()
+
+
+PROMPTS = ["add 2 and 3", "name a color", "spell cat", "count to 4"]
+
+
+def save_model(directory, tokenizer, model) -> str:
+    """Save ``model`` and ``tokenizer`` to ``directory`` (TRL builds teacher copies from a path), pad = eos ids set."""
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def chat_dataset(**columns):
+    """The four :data:`PROMPTS` as one-turn conversations (plus extra dataset columns)."""
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [[{"role": "user", "content": text}] for text in PROMPTS], **columns})
+
+
+def tiny_sdpo_config(output_dir, **overrides):
+    """An ``SDPOConfig`` for two CPU steps on one group of 4 completions of 8 tokens, fp32, plain SGD."""
+    from sdpo_ops.adapters.trl import SDPOConfig
+
+    options = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_prompt_length": 64,
+        # Two generation batches (ScheduledReward's first two patterns: distilled and masked samples).
+        "max_steps": 2,
+        # Plain SGD: Adam's first step is ~lr * sign(grad), which would turn float-rounding differences
+        # of near-zero gradient entries into lr-sized weight differences.
+        "optim": "sgd",
+        "learning_rate": 0.5,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,  # TRL defaults to bf16 autocast; the equivalence is checked in fp32
+        "seed": 0,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+    }
+    options.update(overrides)
+    return SDPOConfig(**options)

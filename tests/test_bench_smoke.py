@@ -123,13 +123,16 @@ def test_cuda_contender_matches_trl_oracle(name):
 def test_floor_runs_the_loss_gemms_over_uneven_chunks():
     case = Case(TINY, 20)
     inputs = make_inputs(case, "cpu", seed=2)
-    dh, dw = run_floor(inputs, FWD_BWD, chunk_rows=20)  # 48 rows: chunks of 20, 20, 8
+    logit_grad = torch.randn(20, TINY.v)  # CPU stages one chunk per dW pass: blocks of 20, 20, 8 rows
+    dh, dw = run_floor(inputs, FWD_BWD, chunk_rows=20, logit_grad=logit_grad)
     hidden, weight = inputs.student_hidden.detach().double(), inputs.student_weight.detach().double()
-    logits = hidden @ weight.t()
     assert dh.shape == inputs.student_hidden.shape and dw.shape == inputs.student_weight.shape
+    blocks = [slice(0, 20), slice(20, 40), slice(40, 48)]
+    expected_dh = torch.cat([logit_grad[: b.stop - b.start].double() @ weight for b in blocks])
+    expected_dw = sum(logit_grad[: b.stop - b.start].double().t() @ hidden[b] for b in blocks)
     # fp32 GEMMs against fp64 ones: sums of up to 384 products, so a norm-relative bound.
-    assert norm_relative_error(dh, logits @ weight) < 1e-5
-    assert norm_relative_error(dw, logits.t() @ hidden) < 1e-5
+    assert norm_relative_error(dh, expected_dh) < 1e-5
+    assert norm_relative_error(dw, expected_dw) < 1e-5
     assert run_floor(inputs, FWD, chunk_rows=20) == (None, None)
 
 

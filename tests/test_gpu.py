@@ -73,3 +73,20 @@ def test_triton_fp32_matches_torch_backend_at_real_vocabulary():
     actual = _loss_and_grads(inputs, torch.float32, "triton", topk=100)
     for e, a in zip(expected, actual, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_a_call_makes_no_host_sync():
+    # the target-id range check is a device-side assert on CUDA: a host sync would drain the queue (issue 9)
+    inputs = _inputs(64, 896, torch.bfloat16)
+    hidden = inputs["student_hidden"].requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = sdpo_loss(
+            hidden, inputs["student_weight"], inputs["teacher_hidden"], inputs["teacher_weight"],
+            mask=inputs["mask"], target_ids=inputs["target_ids"], old_logprobs=inputs["old_logprobs"], topk=100,
+        )  # fmt: skip
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss) and hidden.grad is not None

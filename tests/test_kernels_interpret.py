@@ -453,6 +453,52 @@ def test_logit_grad_rejects_bad_arguments():
         triton_ops.logit_grad(z, lse, lse, lse, index, value, None, None, 1.0, out=torch.zeros(2, 9))
 
 
+# ---------------------------------------------------------------- the softcap, applied on load
+
+
+@pytest.mark.interpret
+def test_softcap_on_load_gives_the_statistics_of_the_capped_logits():
+    C, V, K, bound = 4, 37, 5, 3.0
+    gen = torch.Generator().manual_seed(7)
+    raw = torch.randn(C, V, generator=gen) * 4
+    raw[0, 3] = -math.inf  # a masked vocabulary entry: capped to -bound, as tanh(-inf) = -1 gives
+    raw[1, :5] = torch.tensor([1e-9, -1e-9, 0.0, 40.0, -40.0])  # tanh's exact regions
+    capped = bound * torch.tanh(raw.double())
+    target_ids = torch.randint(0, V, (C,), generator=gen)
+    lse, topk_logits, topk_index, target_logit = triton_ops.student_row_stats(
+        raw, K, target_ids, softcap_bound=bound, block_v=BLOCK_V
+    )
+    _assert_close(lse, torch.logsumexp(capped, -1).float())
+    _assert_close(topk_logits, capped.gather(1, topk_index).float())
+    _assert_close(topk_logits.sort(-1).values, torch.topk(capped, K, -1).values.sort(-1).values.float())
+    _assert_close(target_logit, capped[torch.arange(C), target_ids].float())
+    t_lse, gathered, t_target = triton_ops.teacher_row_stats(raw, topk_index, target_ids, softcap_bound=bound)
+    _assert_close(t_lse, lse)
+    _assert_close(gathered, topk_logits)
+    _assert_close(t_target, target_logit)
+    divergence, _ = triton_ops.full_vocab_divergence(raw, raw, lse, lse, 0.5, softcap_bound=bound)
+    _assert_close(divergence, torch.zeros(C), atol=1e-6)
+
+
+@pytest.mark.interpret
+def test_logit_grad_chains_through_the_softcap():
+    C, V, K, bound, scale = 3, 20, 4, 2.5, 0.7
+    gen = torch.Generator().manual_seed(8)
+    raw = torch.randn(C, V, generator=gen, dtype=torch.float64) * 2
+    terms = _logit_grad_terms(C, V, K, seed=3)
+    capped = (bound * torch.tanh(raw)).requires_grad_()
+    z_lse = torch.logsumexp(capped, -1)
+    args = (raw.float(), z_lse.detach().float(), *terms.values(), scale)
+    out = triton_ops.logit_grad(*args, out=torch.empty(C, V), softcap_bound=bound, block_v=BLOCK_V)
+    expected = torch_ops.logit_grad(*args, out=torch.empty(C, V), softcap_bound=bound)
+    _assert_close(out, expected)
+    # oracle: the gradient w.r.t. the capped logits, chained by autograd through bound * tanh(raw)
+    raw_leaf = raw.clone().requires_grad_()
+    dz = _logit_grad_oracle((bound * torch.tanh(raw_leaf)).detach(), terms, scale, with_target=True).double()
+    (oracle,) = torch.autograd.grad(bound * torch.tanh(raw_leaf), raw_leaf, grad_outputs=dz / bound)
+    _assert_close(out, oracle.float(), atol=1e-6)
+
+
 def test_namespace_is_a_drop_in():
     import inspect
 

@@ -39,6 +39,7 @@ MODES = {
     "top-K, scalar reduction": ({"topk": 100}, None),
     "top-K 256, no tail, reverse KL": ({"topk": 256, "add_tail": False, "alpha": 1.0}, None),
     "full vocabulary": ({"topk": None}, None),
+    "softcapped head (Gemma 2), T != 1": ({"topk": 100, "logit_softcap": 30.0, "temperature": 0.7}, None),
     "reduction='none' (recompute in backward)": (
         {"topk": 100, "reduction": "none"},
         lambda loss: loss.sum().backward(),

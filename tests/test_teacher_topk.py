@@ -297,10 +297,11 @@ def test_student_logits_equal_to_the_teacher_give_zero_loss():
 @pytest.mark.interpret
 @pytest.mark.parametrize(
     "family",
-    ["tail, JSD, IS", "renormalised, forward KL, no IS", "tail, reverse KL", "none, blended", "token weights"],
-)
+    ["tail, JSD, IS", "renormalised, forward KL, no IS", "tail, reverse KL", "none, blended", "token weights",
+     "bias, temperature, scale, softcap"],
+)  # fmt: skip
 def test_triton_backend_equals_trl_served_loss(family):
-    inputs = make_inputs(batch=2, steps=4, hidden_size=4, topk=4, seed=21, dtype=torch.float32)
+    inputs = make_inputs(batch=2, steps=4, hidden_size=4, topk=4, seed=21, dtype=torch.float32, bias="bias" in family)
     assert_matches(inputs, FP32, backend="triton", **OPTION_FAMILIES[family])
 
 

@@ -17,7 +17,15 @@ from tolerances import TRAINER_LOG, TRAINER_WEIGHT_UPDATE
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
 
-from adapters_tiny import make_model, make_tokenizer  # noqa: E402
+from adapters_tiny import (  # noqa: E402
+    PROMPTS,
+    chat_dataset,
+    make_model,
+    make_opt_model,
+    make_tokenizer,
+    save_model,
+    tiny_sdpo_config,
+)
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback, set_seed  # noqa: E402
 from trl.experimental.sdpo import SDPOTrainer as TRLSDPOTrainer  # noqa: E402
@@ -32,7 +40,6 @@ from sdpo_ops.adapters.trl import SDPOConfig, SDPOTrainer  # noqa: E402
 # moved a lot; their floor is two ulps of the largest weights (the norm gains, ~1).
 # Keys of TRL's logs that are wall-clock measurements, not results.
 TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
-PROMPTS = ["add 2 and 3", "name a color", "spell cat", "count to 4"]
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +54,7 @@ def _save_model(directory, tokenizer, **overrides) -> str:
         # repeats its input (a KL of ~1e-6, all rounding). 5x keeps the samples varied and the logits peaked.
         with torch.no_grad():
             model.lm_head.weight.div_(4.0)
-    for config in (model.config, model.generation_config):
-        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
+    return save_model(directory, tokenizer, model)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +68,7 @@ def model_dirs(tmp_path_factory, tokenizer):
 
 
 def _dataset(**columns) -> Dataset:
-    return Dataset.from_dict({"prompt": [[{"role": "user", "content": text}] for text in PROMPTS], **columns})
+    return chat_dataset(**columns)
 
 
 class ScheduledReward:
@@ -103,30 +106,7 @@ class _RecordTeacherContext(TrainerCallback):
 
 
 def _config(tmp_path, **overrides) -> SDPOConfig:
-    options = {
-        "output_dir": str(tmp_path / "out"),
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "num_generations": 4,
-        "max_completion_length": 8,
-        "max_prompt_length": 64,
-        # Two generation batches (ScheduledReward's first two patterns: distilled and masked samples).
-        "max_steps": 2,
-        # Plain SGD: Adam's first step is ~lr * sign(grad), which would turn float-rounding differences
-        # of near-zero gradient entries into lr-sized weight differences.
-        "optim": "sgd",
-        "learning_rate": 0.5,
-        "lr_scheduler_type": "constant",
-        "logging_steps": 1,
-        "report_to": "none",
-        "use_cpu": True,
-        "bf16": False,  # TRL defaults to bf16 autocast; the equivalence is checked in fp32
-        "seed": 0,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-    }
-    options.update(overrides)
-    return SDPOConfig(**options)
+    return tiny_sdpo_config(tmp_path / "out", **overrides)
 
 
 def _train(trainer_class, model_dir, tokenizer, args, reward_funcs, dataset, callbacks=()):
@@ -283,27 +263,32 @@ def test_matches_trl_with_lora(model_dirs, tokenizer, tmp_path):
     _assert_same_training(ours, theirs, initial)
 
 
-def test_bf16_autocast_follows_trl(model_dirs, tokenizer, tmp_path):
-    """TRL's default ``bf16=True`` runs the model under autocast: the adapter's backbone and head follow it.
+def test_bf16_autocast_is_at_least_as_close_to_fp32_as_trl(model_dirs, tokenizer, tmp_path):
+    """TRL's default ``bf16=True``: one step (same weights, same batch) of each trainer against the fp32 run.
 
-    One step, same batch. TRL rounds its logits to bf16, the fused head keeps them in fp32, so the two
-    differ by bf16 rounding; the same training in fp32 differs from TRL's bf16 run by ~4e-3 relative here,
-    beyond the bound, so an adapter ignoring autocast would fail.
+    Both backbones run under autocast; TRL's lm_head then rounds the logits to bf16, while the fused head keeps
+    fp32 logits (on CPU its operands stay fp32; on CUDA the kernels accumulate in fp32). Ours must be no farther
+    from the fp32 run than TRL's, and not equal to it beyond fp32 noise: the backbone really runs in bf16.
     """
-    args = _config(
-        tmp_path,
-        bf16=True,
-        max_steps=1,
-        distillation_mode="topk_logits",
-        distillation_topk=5,
-        distillation_add_tail=True,
-        distillation_alpha=0.5,
-    )
+    options = {
+        "max_steps": 1,
+        "distillation_mode": "topk_logits",
+        "distillation_topk": 5,
+        "distillation_add_tail": True,
+        "distillation_alpha": 0.5,
+    }
     model_dir = model_dirs["untied"]
-    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
-    ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    fp32 = _train(TRLSDPOTrainer, model_dir, tokenizer, _config(tmp_path, **options), ScheduledReward(), _dataset())
+    bf16_args = _config(tmp_path, bf16=True, **options)
+    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, bf16_args, ScheduledReward(), _dataset())
+    ours = _train(SDPOTrainer, model_dir, tokenizer, bf16_args, ScheduledReward(), _dataset())
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor(ours[0][0][key]), torch.tensor(theirs[0][0][key]), rtol=1e-3, atol=0)
+        reference = fp32[0][0][key]
+        our_error, trl_error = abs(ours[0][0][key] - reference), abs(theirs[0][0][key] - reference)
+        # Here ~2x closer or more; over 5 seeds 1.2-25x in the step-1 loss (README, "In TRL"). The rest of the
+        # error is the backbone's bf16, common to both.
+        assert our_error <= 0.5 * trl_error, f"{key}: ours {our_error:.3g} from fp32, TRL {trl_error:.3g}"
+        assert our_error > 1e-5 * abs(reference), f"{key}: equal to the fp32 run, autocast was ignored"
 
 
 def test_reward_feedback_equals_dataset_column(model_dirs, tokenizer, tmp_path):
@@ -453,3 +438,106 @@ def test_topk_mode_without_topk_is_refused(model_dirs, tokenizer, tmp_path):
             train_dataset=_dataset(),
             processing_class=tokenizer,
         )
+
+
+# Each bad value, the field the error must name. All are caught in __init__, before TRL loads the model (or,
+# for the top-K bound, right after, from the lm_head's V): never after a generation.
+BAD_CONFIGS = {
+    "topk_zero": ({"distillation_mode": "topk_logits", "distillation_topk": 0}, "distillation_topk"),
+    "topk_above_vocab": ({"distillation_mode": "topk_logits", "distillation_topk": "V+1"}, "distillation_topk"),
+    "alpha_above_one": ({"distillation_mode": "topk_logits", "distillation_alpha": 1.5}, "distillation_alpha"),
+    "alpha_negative": ({"distillation_mode": "full_logits", "distillation_alpha": -0.1}, "distillation_alpha"),
+    "is_clip_zero": ({"distillation_mode": "full_logits", "distillation_is_clip": 0.0}, "distillation_is_clip"),
+    "teacher_kind_typo": ({"teacher_model_kind": "emma"}, "teacher_model_kind"),
+}
+
+
+class _NeverCalledReward:
+    __name__ = "never_called"
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("the config error must come before any rollout is scored")
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_configs_fail_in_init(case, model_dirs, tokenizer, tmp_path):
+    overrides, field = BAD_CONFIGS[case]
+    overrides = {"distillation_topk": 5, **overrides}
+    if overrides["distillation_topk"] == "V+1":
+        overrides["distillation_topk"] = len(tokenizer) + 1
+    if overrides.get("distillation_mode", "sampled_token") != "topk_logits":
+        overrides.pop("distillation_topk")
+    args = _config(tmp_path, **overrides)
+    with pytest.raises(ValueError, match=field):
+        SDPOTrainer(
+            model=model_dirs["untied"],
+            reward_funcs=_NeverCalledReward(),
+            args=args,
+            train_dataset=_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+def test_topk_equal_to_vocab_is_accepted(model_dirs, tokenizer, tmp_path):
+    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=len(tokenizer))
+    SDPOTrainer(
+        model=model_dirs["untied"],
+        reward_funcs=ScheduledReward(),
+        args=args,
+        train_dataset=_dataset(),
+        processing_class=tokenizer,
+    )
+
+
+def test_topk_with_full_logits_warns(model_dirs, tokenizer, tmp_path):
+    args = _config(tmp_path, distillation_mode="full_logits", distillation_topk=5)
+    with pytest.warns(UserWarning, match="distillation_topk=5 is ignored"):
+        SDPOTrainer(
+            model=model_dirs["untied"],
+            reward_funcs=ScheduledReward(),
+            args=args,
+            train_dataset=_dataset(),
+            processing_class=tokenizer,
+        )
+
+
+def test_opt_with_its_default_dropout_trains_like_trl(tokenizer, tmp_path):
+    """OPT applies dropout functionally (``nn.functional.dropout(p=config.dropout)``), which TRL's
+    ``disable_dropout`` does not reach: training-mode forwards differ from one another. The head check must not
+    take that for a logit transform, and the run must equal TRL's (same seed, same dropout draws)."""
+    model_dir = save_model(tmp_path / "tiny_opt", tokenizer, make_opt_model(len(tokenizer)))
+    args = _config(
+        tmp_path,
+        distillation_mode="topk_logits",
+        distillation_topk=5,
+        distillation_add_tail=True,
+        distillation_alpha=0.5,
+    )
+    theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    ours = _train(SDPOTrainer, model_dir, tokenizer, args, ScheduledReward(), _dataset())
+    _assert_same_training(ours, theirs, _initial_weights(model_dir))
+
+
+def test_refuses_a_subclass_that_scales_its_logits_undeclared(tokenizer, tmp_path):
+    """A model class whose forward rescales the logits, its config saying nothing: caught at the first step."""
+    from transformers import Qwen2ForCausalLM
+
+    class HalvedLogitsQwen2(Qwen2ForCausalLM):
+        def forward(self, *args, **kwargs):
+            output = super().forward(*args, **kwargs)
+            output.logits = output.logits * 0.5
+            return output
+
+    plain = make_model(len(tokenizer), attention_dropout=0.1)
+    model = HalvedLogitsQwen2(plain.config)
+    model.load_state_dict(plain.state_dict())
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    args = _config(
+        tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live", max_steps=1
+    )
+    trainer = SDPOTrainer(
+        model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(), processing_class=tokenizer
+    )
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        trainer.train()

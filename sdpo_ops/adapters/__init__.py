@@ -5,7 +5,8 @@
 - :func:`build_teacher_messages`, :func:`build_teacher_prompt_ids`, :func:`strip_thinking`: reprompting;
 - :func:`build_teacher_batch`, :func:`build_sdpo_batch`: padded student and teacher inputs;
 - :func:`sdpo_step`: the loss from two backbone forwards and :func:`sdpo_ops.sdpo_loss`;
-- :class:`RewardWithFeedback`, :func:`split_scores_and_feedback`: rewards that explain themselves.
+- :class:`RewardWithFeedback`, :func:`split_scores_and_feedback`: rewards that explain themselves;
+- :func:`save_checkpoint`, :func:`load_checkpoint`: student, teacher, optimizer, step and RNG, written atomically.
 
 The TRL trainer lives in ``sdpo_ops.adapters.trl`` and is imported explicitly (it needs ``trl``).
 """
@@ -18,6 +19,7 @@ from sdpo_ops.adapters.batch import (
     pad_sequences,
     split_completions,
 )
+from sdpo_ops.adapters.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from sdpo_ops.adapters.demonstrations import (
     OFFICIAL_SUCCESS_THRESHOLD,
     TRL_SUCCESS_THRESHOLD,
@@ -49,6 +51,7 @@ __all__ = [
     "TRL_SOLUTION_TEMPLATE",
     "TRL_SUCCESS_THRESHOLD",
     "EMATeacher",
+    "LoadedCheckpoint",
     "RewardWithFeedback",
     "SDPOBatch",
     "SDPOStepOutput",
@@ -57,7 +60,9 @@ __all__ = [
     "build_teacher_batch",
     "build_teacher_messages",
     "build_teacher_prompt_ids",
+    "load_checkpoint",
     "pad_sequences",
+    "save_checkpoint",
     "select_demonstrations",
     "sequence_rewards",
     "sdpo_step",

@@ -20,11 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from sdpo_ops.adapters.batch import SDPOBatch
+from sdpo_ops.adapters.heads import refuse_logit_transforms
 from sdpo_ops.adapters.teacher import EMATeacher
 from sdpo_ops.loss import SDPOOutput, sdpo_loss
-
-# Config attributes that change logits after the lm_head, with the value that means "no change".
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
 @dataclass
@@ -46,32 +44,17 @@ class SDPOStepOutput:
     metrics: dict[str, Tensor]
 
 
-def _refuse_logit_transforms(model: nn.Module) -> None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return
-    configs = [config]
-    get_text_config = getattr(config, "get_text_config", None)
-    if callable(get_text_config):
-        configs.append(get_text_config())
-    for cfg in configs:
-        for name, neutral in _LOGIT_TRANSFORMS.items():
-            value = getattr(cfg, name, None)
-            if value is not None and value != neutral:
-                raise NotImplementedError(
-                    f"{type(model).__name__} sets config.{name}={value!r}, which transforms the logits after the "
-                    "lm_head; sdpo_step computes lm_head(hidden) only and would train on a different objective. "
-                    "Use sdpo_ops.sdpo_loss_from_logits on the model's logits instead."
-                )
-
-
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | None]:
     """``(backbone, lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM (or a PEFT wrapper).
 
     The backbone is the module that returns the final (normed) hidden states: ``model.get_decoder()``, else
     ``model.model``. Raises for models whose logits are not ``lm_head(hidden)``.
     """
-    _refuse_logit_transforms(model)
+    refuse_logit_transforms(
+        model,
+        role="student or teacher",
+        alternative="Use sdpo_ops.sdpo_loss_from_logits on the model's logits instead.",
+    )
     backbone = None
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
@@ -86,7 +69,7 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | Non
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     if not isinstance(head, nn.Linear):
-        raise TypeError(
+        raise ValueError(
             f"the output embedding of {type(model).__name__} is {type(head).__name__}, not a plain torch.nn.Linear "
             "(an adapter on the lm_head, or no lm_head): sdpo_step needs logits = hidden @ weight.T + bias"
         )

@@ -37,20 +37,34 @@ to the dataset's context when both exist.
 
 TRL internals overridden here (what a TRL upgrade can break): ``SDPOTrainer.compute_loss``,
 ``SDPOTrainer._compute_rollout_logps``, ``SDPOTrainer._calculate_rewards`` (wraps the reward functions,
-then calls TRL's), ``SuccessfulRolloutTeacherContextBuilder.build`` (merges the feedback, then calls TRL's).
+then calls TRL's), ``SuccessfulRolloutTeacherContextBuilder.build`` (merges the feedback, then calls TRL's),
+``SDPOTrainer._setup_teacher_model`` (calls TRL's, then swaps its ``PEFTAdapterEMACallback`` for ours),
+``Trainer.train`` and ``Trainer._save_checkpoint`` (the teacher file, then transformers' own).
 Used, not overridden: ``_get_teacher_context_for_self_distillation``, ``teacher_model``, ``model_kwarg_keys``,
 ``current_gradient_accumulation_steps``, ``_metrics``, ``_log_self_distillation_metric``,
 ``trl.models.utils._ForwardRedirection``, ``trl.trainer.utils.maybe_gather_lm_head_ctx``.
 
+Where it differs from TRL's trainer (README, "In TRL"):
+
+- checkpoints carry the EMA teacher (:mod:`sdpo_ops.adapters.trl_teacher`: ``sdpo_teacher.safetensors`` in each
+  checkpoint folder, restored before the first resumed step; TRL rebuilds it from the base model), and the LoRA
+  EMA teacher works under FSDP2 (TRL's ``PEFTAdapterEMACallback`` fails on DTensor shards);
+- under autocast on CPU the fused head keeps fp32 operands, so its logits stay fp32 where TRL's lm_head rounds
+  them to bf16 (on CUDA the kernels keep fp32 logits from bf16 operands);
+- configs TRL accepts but fails on after a rollout (or silently misreads) are rejected in ``__init__``.
+
 Models whose logits are not ``hidden @ lm_head.weight^T (+ bias)`` (logit scaling, final logit
 softcapping, PEFT adapters on the lm_head, prompt-learning PEFT) are refused with an error: the fused loss
-would silently optimise another objective.
+would silently optimise another objective. An undeclared transform is caught at the first step by comparing
+the model's own logits with the fused head's, in eval mode from one seed (dropout cannot make them differ).
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +78,7 @@ try:
     from trl.experimental.sdpo import SDPOConfig
     from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer as _TRLSDPOTrainer
     from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder
+    from trl.experimental.sdpo.teacher_sync import PEFTAdapterEMACallback
     from trl.models.utils import _ForwardRedirection
     from trl.trainer.utils import maybe_gather_lm_head_ctx
 except ImportError as error:  # pragma: no cover - exercised only without the extra
@@ -76,35 +91,20 @@ if Version(trl.__version__) < Version("1.16"):  # pragma: no cover
         f'sdpo_ops.adapters.trl needs TRL >= 1.16, found {trl.__version__}; upgrade with: pip install "sdpo-ops[trl]"'
     )
 
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
 from sdpo_ops import sdpo_loss
+from sdpo_ops.adapters import trl_teacher
 from sdpo_ops.adapters.feedback import split_scores_and_feedback
+from sdpo_ops.adapters.heads import refuse_logit_transforms
 
 __all__ = ["SDPOConfig", "SDPOTrainer"]
 
-# Config attributes by which transformers models post-process the lm_head output (TRL's list in
-# `add_fused_lm_head`, plus Gemma's softcapping). Any of them set breaks `logits = hidden @ W^T + b`.
-_LOGIT_TRANSFORM_ATTRIBUTES = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
 # Tolerance of the one-off check that the backbone + lm_head reproduces the model's own logits. Both sides
 # run the same matmul on the same hidden state, so any real transform (a scale, a cap) exceeds it by far.
 _HEAD_CHECK_RTOL = 1e-3
-
-
-def _logit_transforms(config) -> dict[str, Any]:
-    """The logit post-processing a model config declares, ``{}`` for a plain linear head."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    found = {}
-    for name in _LOGIT_TRANSFORM_ATTRIBUTES:
-        value = getattr(text_config, name, None)
-        # A scale of exactly 1 is the identity; softcapping has no neutral value.
-        if value is not None and not (name != "final_logit_softcapping" and float(value) == 1.0):
-            found[name] = value
-    return found
+_HEAD_CHECK_SEED = 0
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
@@ -142,13 +142,11 @@ def _lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 def _check_model_is_supported(model: nn.Module, role: str) -> None:
     """Refuse models whose logits the fused loss would compute wrongly."""
-    transforms = _logit_transforms(_transformers_model(model).config)
-    if transforms:
-        raise ValueError(
-            f"the {role} model's config sets {transforms}: its logits are post-processed after the lm_head, which "
-            "sdpo_ops' fused loss (logits = hidden @ lm_head.weight^T + bias) does not apply. Use "
-            "trl.experimental.sdpo.SDPOTrainer (full logits) for this model."
-        )
+    refuse_logit_transforms(
+        _transformers_model(model),
+        role=role,
+        alternative="Use trl.experimental.sdpo.SDPOTrainer (full logits) for this model.",
+    )
     if is_peft_model(model):
         from peft import PromptLearningConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -244,6 +242,63 @@ class _FeedbackCapturingReward:
         return scores
 
 
+_DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
+_TEACHER_MODEL_KINDS = ("ema", "base", "live")
+
+
+def _validate_config(args: SDPOConfig) -> None:
+    """Reject, naming the field, what TRL accepts but would fail on (or silently misread) only after a rollout."""
+    if args.distillation_mode not in _DISTILLATION_MODES:
+        raise ValueError(f"distillation_mode must be one of {_DISTILLATION_MODES}, got {args.distillation_mode!r}")
+    if args.teacher_model_kind not in _TEACHER_MODEL_KINDS:
+        # TRL treats any unknown kind as a frozen copy of the initial model.
+        raise ValueError(f"teacher_model_kind must be one of {_TEACHER_MODEL_KINDS}, got {args.teacher_model_kind!r}")
+    if not 0.0 <= args.distillation_alpha <= 1.0:
+        raise ValueError(f"distillation_alpha must be in [0, 1], got {args.distillation_alpha}")
+    if args.distillation_is_clip is not None and not args.distillation_is_clip > 0:
+        raise ValueError(
+            f"distillation_is_clip must be > 0 (or None to disable the IS weight), got {args.distillation_is_clip}"
+        )
+    if not args.temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {args.temperature}")
+    if args.distillation_mode == "topk_logits":
+        if args.distillation_topk is None:
+            raise ValueError("distillation_mode='topk_logits' requires distillation_topk to be set")
+        _validate_topk(args.distillation_topk, vocab_size=None)
+    elif args.distillation_topk is not None:
+        warnings.warn(
+            f"distillation_topk={args.distillation_topk} is ignored with distillation_mode={args.distillation_mode!r} "
+            "(only 'topk_logits' uses it)",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _validate_topk(topk: Any, vocab_size: int | None) -> None:
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise ValueError(f"distillation_topk must be an int, got {topk!r}")
+    upper = "V" if vocab_size is None else f"V={vocab_size} (the rows of the model's lm_head)"
+    if topk < 1 or (vocab_size is not None and topk > vocab_size):
+        raise ValueError(f"distillation_topk must be in [1, {upper}], got {topk}")
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """V: the rows of the lm_head (its full shape under ZeRO-3 partitioning)."""
+    weight, _ = _lm_head(model)
+    shape = getattr(weight, "ds_shape", None) or weight.shape
+    return int(shape[0])
+
+
+class _RestoreTeacherOnTrainBegin(TrainerCallback):
+    """Restores the checkpoint's EMA teacher once the model is prepared and the LoRA teacher adapter exists."""
+
+    def __init__(self, trainer: SDPOTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._restore_teacher_state()
+
+
 class SDPOTrainer(_TRLSDPOTrainer):
     """``trl.experimental.sdpo.SDPOTrainer`` with the loss fused into the lm_head by :func:`sdpo_ops.sdpo_loss`.
 
@@ -251,25 +306,110 @@ class SDPOTrainer(_TRLSDPOTrainer):
     """
 
     def __init__(self, *args, **kwargs):
+        config = inspect.signature(_TRLSDPOTrainer.__init__).bind(self, *args, **kwargs).arguments.get("args")
+        if config is not None:
+            # Before TRL's constructor: it loads the model and may build a teacher copy first.
+            _validate_config(config)
         super().__init__(*args, **kwargs)
-        if self.args.distillation_mode not in ("sampled_token", "full_logits", "topk_logits"):
-            raise ValueError(
-                "distillation_mode must be one of: 'sampled_token', 'full_logits', 'topk_logits', "
-                f"got {self.args.distillation_mode!r}"
-            )
-        if self.args.distillation_mode == "topk_logits" and self.args.distillation_topk is None:
-            raise ValueError("`distillation_mode='topk_logits'` requires `distillation_topk` to be set.")
-        _check_model_is_supported(self.accelerator.unwrap_model(self.model), "student")
+        student = self.accelerator.unwrap_model(self.model)
+        _check_model_is_supported(student, "student")
         if self.teacher_model is not self.model:
             _check_model_is_supported(self.accelerator.unwrap_model(self.teacher_model), "teacher")
+        if self.args.distillation_mode == "topk_logits":
+            _validate_topk(self.args.distillation_topk, _vocab_size(student))
         # DDP/FSDP/DeepSpeed hooks fire only through the wrapper's forward: the fused loss runs inside it.
         self._forward_redirection = _ForwardRedirection()
         self.teacher_context_builder = _FeedbackRoutingContextBuilder(self)
         self._pending_reward_feedback: list[str | None] | None = None
         self._head_verified = False
+        self._resume_checkpoint: str | None = None
+        # After TRL's callbacks (the LoRA EMA one creates the teacher adapter at train begin): restores the teacher.
+        self.add_callback(_RestoreTeacherOnTrainBegin(self))
 
     # Same parameters as TRL's constructor, for help() and IDEs (the body forwards them untouched).
     __init__.__signature__ = inspect.signature(_TRLSDPOTrainer.__init__)
+
+    # ------------------------------------------------------------------------------ teacher checkpoints
+
+    def _setup_teacher_model(self) -> None:
+        """TRL's teacher set-up, with TRL's LoRA EMA callback replaced by one that works under FSDP2 and saves."""
+        super()._setup_teacher_model()
+        self._lora_ema_callback: trl_teacher.LoRAEMATeacherCallback | None = None
+        trl_callback = self.pop_callback(PEFTAdapterEMACallback)
+        if trl_callback is not None:
+            self._lora_ema_callback = trl_teacher.LoRAEMATeacherCallback(
+                model=trl_callback.model,
+                teacher_adapter_name=trl_callback.teacher_adapter_name,
+                update_rate=trl_callback.update_rate,
+                sync_steps=trl_callback.sync_steps,
+                accelerator=trl_callback.accelerator,
+            )
+            self.add_callback(self._lora_ema_callback)
+
+    def _teacher_state_kind(self) -> str | None:
+        """What a checkpoint must hold for the teacher: None for ``"base"``/``"live"`` (rebuilt identically)."""
+        if self.args.teacher_model_kind != "ema":
+            return None
+        return trl_teacher.EMA_LORA_ADAPTER if self._lora_ema_callback is not None else trl_teacher.EMA_COPY
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """TRL's ``train``; on resume, the EMA teacher saved in the checkpoint is restored before the first step."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        self._resume_checkpoint = resume_from_checkpoint or None
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The teacher is written first, so a checkpoint whose trainer state exists has its teacher too.
+        kind = self._teacher_state_kind()
+        if kind is not None:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            trl_teacher.write_teacher_state(
+                folder, self._gather_teacher_state(kind), kind, is_writer=self.args.should_save
+            )
+        super()._save_checkpoint(model, trial)
+
+    def _gather_teacher_state(self, kind: str) -> dict[str, Tensor]:
+        """The teacher's tensors, whole (a collective under FSDP2/ZeRO-3: every rank calls it)."""
+        if kind == trl_teacher.EMA_LORA_ADAPTER:
+            return self._lora_ema_callback.state_tensors()
+        return trl_teacher.gather_model_state(self.accelerator.unwrap_model(self.teacher_model))
+
+    def _restore_teacher_state(self) -> None:
+        """On resume: load the checkpoint's teacher (every rank reads the file), or warn that it has none."""
+        checkpoint, self._resume_checkpoint = self._resume_checkpoint, None
+        kind = self._teacher_state_kind()
+        if checkpoint is None or kind is None:
+            return
+        tensors = trl_teacher.read_teacher_state(checkpoint, kind)
+        if (
+            tensors is None
+            and kind == trl_teacher.EMA_LORA_ADAPTER
+            and self._lora_ema_callback.resumed_from_checkpoint_adapter
+        ):
+            return  # PEFT saved the "teacher" adapter beside the student's, and transformers loaded it
+        if tensors is None:
+            restarted = "the zero-initialised EMA adapter" if kind == trl_teacher.EMA_LORA_ADAPTER else "the base model"
+            warnings.warn(
+                f"{checkpoint} has no {trl_teacher.TEACHER_STATE_FILE} (saved by trl's SDPOTrainer, or by an older "
+                f"sdpo_ops): the EMA teacher resumes from {restarted}, not from its state at the checkpoint.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return
+        if kind == trl_teacher.EMA_LORA_ADAPTER:
+            self._lora_ema_callback.load_state_tensors(tensors)
+        else:
+            trl_teacher.load_model_state(self.accelerator.unwrap_model(self.teacher_model), tensors)
 
     # ----------------------------------------------------------------------------------------- rewards
 
@@ -306,12 +446,17 @@ class SDPOTrainer(_TRLSDPOTrainer):
             hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return hidden.last_hidden_state[:, :-1][:, -length:]
 
-    def _head_dtype(self, hidden: Tensor) -> torch.dtype:
-        """The dtype the lm_head matmul runs in: autocast's when mixed precision is on, else the hidden states'."""
+    def _head_dtype(self, hidden: Tensor, weight: Tensor) -> torch.dtype:
+        """The dtype of the fused head's operands: the hidden states' without mixed precision; under autocast,
+        autocast's on CUDA (the Triton kernels accumulate and keep the logits in fp32), the weight's own (the fp32
+        master) elsewhere: torch's CPU bf16 matmul returns bf16 logits, the rounding by which TRL's bf16 run
+        strays from its fp32 run (measured: README, "In TRL")."""
         with self.accelerator.autocast():
-            if torch.is_autocast_enabled(hidden.device.type):
-                return torch.get_autocast_dtype(hidden.device.type)
-        return hidden.dtype
+            if not torch.is_autocast_enabled(hidden.device.type):
+                return hidden.dtype
+            if hidden.device.type == "cuda":
+                return torch.get_autocast_dtype("cuda")
+        return weight.dtype
 
     def _verify_plain_head(self, input_ids: Tensor, attention_mask: Tensor) -> None:
         """Once: check that backbone + lm_head reproduce the student's own logits (catches undeclared transforms)."""
@@ -333,18 +478,33 @@ class SDPOTrainer(_TRLSDPOTrainer):
             )
 
     def _head_check_logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``(model's own last logits [V], hidden @ W^T + b [V])`` for one sequence, both fp32."""
+        """``(model's own last logits [V], hidden @ W^T + b [V])`` for one sequence, both fp32.
+
+        Two forwards (the model's, and its backbone's as the fused loss runs it) that must not differ by chance:
+        eval mode turns dropout off (modules and ``nn.functional.dropout(training=self.training)`` alike, which
+        TRL's ``disable_dropout`` does not reach), and each forward starts from the same seed, so any other random
+        draw repeats too. The training's random streams are forked, so the check leaves them untouched.
+        """
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
-        with self.accelerator.autocast():
-            hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
-            if "logits_to_keep" in self.model_kwarg_keys:
-                model_inputs["logits_to_keep"] = 1
-            expected = model(**model_inputs).logits[0, -1].float()
-            weight, bias = _lm_head(model)
-            with _full_head_tensors(weight, bias) as (weight, bias):
-                hidden = hidden.to(weight.device, weight.dtype)
-                actual = nn.functional.linear(hidden, weight, bias).float()
+        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        modes = [(module, module.training) for module in model.modules()]
+        try:
+            model.eval()
+            # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
+            with torch.random.fork_rng(devices=cuda_devices), self.accelerator.autocast():
+                torch.manual_seed(_HEAD_CHECK_SEED)
+                hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
+                if "logits_to_keep" in self.model_kwarg_keys:
+                    model_inputs["logits_to_keep"] = 1
+                torch.manual_seed(_HEAD_CHECK_SEED)
+                expected = model(**model_inputs).logits[0, -1].float()
+                weight, bias = _lm_head(model)
+                with _full_head_tensors(weight, bias) as (weight, bias):
+                    hidden = hidden.to(weight.device, weight.dtype)
+                    actual = nn.functional.linear(hidden, weight, bias).float()
+        finally:
+            for module, was_training in modes:
+                module.training = was_training
         return expected, actual.to(expected.device)
 
     # --------------------------------------------------------------------------------- fused call
@@ -401,15 +561,15 @@ class SDPOTrainer(_TRLSDPOTrainer):
         if sd_mask is not None:
             loss_mask = loss_mask * sd_mask.unsqueeze(1)
 
-        head_dtype = self._head_dtype(student_hidden)
+        head_dtype = self._head_dtype(student_hidden, student_weight)
         with (
             _full_head_tensors(student_weight, student_bias, teacher_weight, teacher_bias) as heads,
             torch.autocast(student_hidden.device.type, enabled=False),
         ):
             student_weight, student_bias, teacher_weight, teacher_bias = heads
             device = student_weight.device
-            # As the lm_head would under autocast: both operands in the compute dtype. The casts are
-            # differentiable, so the gradient reaches the (fp32 master) weight.
+            # Both operands in the head's compute dtype (see _head_dtype). The casts are differentiable, so the
+            # gradient reaches the (fp32 master) weight.
             student_hidden = student_hidden.to(device, head_dtype)
             teacher_hidden = teacher_hidden.to(device, head_dtype)
             student_weight = student_weight.to(head_dtype)

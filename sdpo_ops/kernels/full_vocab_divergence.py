@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sdpo_ops.kernels.elementwise import _on_load
 from sdpo_ops.kernels.launch import launch
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
@@ -85,11 +86,14 @@ def _full_vocab_divergence_kernel(
     alpha,
     log_one_minus_alpha,
     log_alpha,
+    pre_scale,
+    softcap_bound,
     stride_student_c,
     stride_student_v,
     stride_teacher_c,
     stride_teacher_v,
     ALPHA_MODE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -107,6 +111,8 @@ def _full_vocab_divergence_kernel(
         # lanes past V read -inf: p = q = 0 there, so their terms are 0
         z = tl.load(student_row_ptr + cols * stride_student_v, mask=in_row, other=-float("inf")).to(tl.float32)
         u = tl.load(teacher_row_ptr + cols * stride_teacher_v, mask=in_row, other=-float("inf")).to(tl.float32)
+        z = tl.where(in_row, _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
+        u = tl.where(in_row, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
         term, grad = _gjsd_terms(z - student_lse, u - teacher_lse, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE)
         divergence += term
         grad_sum += grad
@@ -122,6 +128,8 @@ def full_vocab_divergence(
     alpha: float,
     *,
     out: tuple[Tensor, Tensor] | None = None,
+    pre_scale: float = 1.0,
+    softcap_bound: float | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Full-vocabulary GJSD per row and the row sum of its gradient w.r.t. the student log-probs (Triton).
@@ -133,6 +141,8 @@ def full_vocab_divergence(
         student_lse, teacher_lse: [C] fp32, the log-sum-exps of the two rows.
         alpha: in [0, 1]; 0 is KL(teacher || student), 1 is KL(student || teacher).
         out: ``(divergence, grad_sum)`` to write into, else allocated.
+        pre_scale: multiplies the buffer on load: the part of the logit scale the chunk GEMM's epilogue did not apply.
+        softcap_bound: ``softcap / temperature`` for softcapped heads (both rows are ``bound * tanh(logits)``).
         block_v: tile width override (a power of two), for tests and tuning.
     Returns:
         ``(divergence [C], grad_sum [C])`` fp32, with ``grad_sum = sum_j dD/ds_j``.
@@ -176,11 +186,14 @@ def full_vocab_divergence(
         divergence_ptr=divergence,
         grad_sum_ptr=grad_sum,
         V=V,
+        pre_scale=float(pre_scale),
+        softcap_bound=float(softcap_bound or 0.0),
         stride_student_c=student_logits.stride(0),
         stride_student_v=student_logits.stride(1),
         stride_teacher_c=teacher_logits.stride(0),
         stride_teacher_v=teacher_logits.stride(1),
         **gjsd_args,
+        HAS_SOFTCAP=softcap_bound is not None,
         BLOCK_V=block_v,
         num_warps=num_warps,
     )

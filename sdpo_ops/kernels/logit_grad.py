@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sdpo_ops.kernels.elementwise import _on_load
 from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, gjsd_launch_args
 from sdpo_ops.kernels.launch import launch
 
@@ -74,6 +75,8 @@ def _logit_grad_kernel(
     V,
     K,
     scale,
+    pre_scale,
+    softcap_bound,
     inv_softcap_bound,
     alpha,
     log_one_minus_alpha,
@@ -113,7 +116,12 @@ def _logit_grad_kernel(
         cols = start + offs_v
         in_row = cols < V
         z = tl.load(logits_row + cols, mask=in_row, other=-float("inf")).to(tl.float32)
-        u = tl.load(teacher_row + cols, mask=in_row, other=-float("inf")).to(tl.float32) if HAS_TEACHER else z
+        z = tl.where(in_row, _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
+        if HAS_TEACHER:
+            u = tl.load(teacher_row + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+            u = tl.where(in_row, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
+        else:
+            u = z
         dz = _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, row_scale, alpha, log_one_minus_alpha,
                                log_alpha, HAS_TEACHER, ALPHA_MODE)  # fmt: skip
         dz = tl.where(live, _chain_to_raw(dz, z, scale, inv_softcap_bound, HAS_SOFTCAP), 0.0)
@@ -128,8 +136,14 @@ def _logit_grad_kernel(
     if HAS_TARGET:
         is_target = in_k & (index == target)
         sparse += tl.where(is_target, target_scale, 0.0)
-    z = tl.load(logits_row + index, mask=in_k, other=0.0).to(tl.float32)
-    u = tl.load(teacher_row + index, mask=in_k, other=0.0).to(tl.float32) if HAS_TEACHER else z
+    z = _on_load(
+        tl.load(logits_row + index, mask=in_k, other=0.0).to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP
+    )
+    if HAS_TEACHER:
+        u = tl.load(teacher_row + index, mask=in_k, other=0.0).to(tl.float32)
+        u = _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP)
+    else:
+        u = z
     dz = _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, row_scale, alpha, log_one_minus_alpha,
                            log_alpha, HAS_TEACHER, ALPHA_MODE) + sparse  # fmt: skip
     dz = tl.where(live, _chain_to_raw(dz, z, scale, inv_softcap_bound, HAS_SOFTCAP), 0.0)
@@ -137,12 +151,19 @@ def _logit_grad_kernel(
     if HAS_TARGET:
         # the target column, unless a top-K entry above already carried its term
         target_outside_topk = tl.sum(is_target.to(tl.int32), axis=0) == 0
-        z_t = tl.load(logits_row + target).to(tl.float32)
-        u_t = tl.load(teacher_row + target).to(tl.float32) if HAS_TEACHER else z_t
+        # an out-of-range id (a caller bug, caught by the device-side assert of sdpo_loss) touches no memory
+        target_in_range = (target >= 0) & (target < V)
+        z_t = tl.load(logits_row + target, mask=target_in_range, other=0.0).to(tl.float32)
+        z_t = _on_load(z_t, pre_scale, softcap_bound, HAS_SOFTCAP)
+        if HAS_TEACHER:
+            u_t = tl.load(teacher_row + target, mask=target_in_range, other=0.0).to(tl.float32)
+            u_t = _on_load(u_t, pre_scale, softcap_bound, HAS_SOFTCAP)
+        else:
+            u_t = z_t
         dz_t = _dense_logit_grad(z_t, student_lse, dense_coef, u_t, teacher_lse, row_scale, alpha,
                                  log_one_minus_alpha, log_alpha, HAS_TEACHER, ALPHA_MODE) + target_scale  # fmt: skip
         dz_t = tl.where(live, _chain_to_raw(dz_t, z_t, scale, inv_softcap_bound, HAS_SOFTCAP), 0.0)
-        tl.store(out_row + target, dz_t.to(out_ptr.dtype.element_ty), mask=target_outside_topk & live)
+        tl.store(out_row + target, dz_t.to(out_ptr.dtype.element_ty), mask=target_outside_topk & live & target_in_range)
 
 
 def logit_grad(
@@ -158,6 +179,7 @@ def logit_grad(
     teacher: tuple[Tensor, Tensor, float] | None = None,
     *,
     out: Tensor,
+    pre_scale: float = 1.0,
     softcap_bound: float | None = None,
     block_v: int | None = None,
 ) -> Tensor:
@@ -172,8 +194,10 @@ def logit_grad(
         scale: ``logit_scale / temperature``: dz/d(raw head output) without a softcap.
         teacher: ``(teacher_logits [C, V], teacher_lse [C], alpha)`` in full-vocabulary mode, else None.
         out: [C, V] floating (fp32, or the GEMM dtype), written and returned.
-        softcap_bound: ``softcap / temperature`` when the logits were softcapped (the gradient gains the factor
-            ``1 - (z / softcap_bound)^2``), else None.
+        pre_scale: multiplies the buffer on load: the part of the logit scale the chunk GEMM's epilogue did not apply.
+        softcap_bound: ``softcap / temperature`` for a softcapped head: the buffer holds the pre-tanh values
+            (``sdpo_ops.kernels.elementwise._softcapped``), the logits are ``bound * tanh(y)`` and the gradient gains
+            the factor ``1 - (z / softcap_bound)^2``; else None.
         block_v: tile width override (a power of two), for tests and tuning.
     """
     if student_logits.dim() != 2 or not student_logits.is_floating_point():
@@ -251,6 +275,8 @@ def logit_grad(
         V=V,
         K=K,
         scale=float(scale),
+        pre_scale=float(pre_scale),
+        softcap_bound=float(softcap_bound or 0.0),
         inv_softcap_bound=0.0 if softcap_bound is None else 1.0 / softcap_bound,
         stride_logits_c=student_logits.stride(0),
         stride_out_c=out.stride(0),

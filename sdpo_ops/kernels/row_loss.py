@@ -24,29 +24,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sdpo_ops.kernels.elementwise import _expm1
 from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, gjsd_launch_args
 from sdpo_ops.kernels.launch import launch
 from sdpo_ops.reference import IS_LOG_RATIO_LIMIT, TAIL_LOG_MASS_MAX
 from sdpo_ops.row_outputs import RowOutputs
 
 _NUM_WARPS = {"cuda": 4, "interpret": 1}
-
-
-@triton.jit
-def _expm1(x):
-    """``exp(x) - 1`` without the cancellation near 0 (Triton has no portable expm1): a degree-8 Taylor
-    polynomial for |x| < 0.5 (relative error < 1e-8), ``exp(x) - 1`` beyond."""
-    small = tl.abs(x) < 0.5
-    y = tl.where(small, x, 0.0)
-    poly = y * (
-        1.0
-        + y
-        * (
-            0.5
-            + y * (1.0 / 6 + y * (1.0 / 24 + y * (1.0 / 120 + y * (1.0 / 720 + y * (1.0 / 5040 + y * (1.0 / 40320))))))
-        )
-    )
-    return tl.where(small, poly, tl.exp(x) - 1.0)
 
 
 @triton.jit

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sdpo_ops.kernels.elementwise import _on_load, _store_target_logit
 from sdpo_ops.kernels.launch import launch
 
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
@@ -106,12 +107,15 @@ def _student_row_stats_kernel(
     V,
     K,
     num_candidates,
+    pre_scale,
+    softcap_bound,
     stride_logits_c,
     stride_logits_v,
     stride_topk_logits_c,
     stride_topk_index_c,
     HAS_TOPK: tl.constexpr,
     HAS_TARGET: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SUB: tl.constexpr,
     NB_PAD: tl.constexpr,
@@ -135,6 +139,7 @@ def _student_row_stats_kernel(
         cols = start + offs_v
         in_row = cols < V
         z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+        z = tl.where(in_row, _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
 
         # shift 0 while a lane has seen only -inf (exp(-inf - -inf) would be NaN)
         m_new = tl.maximum(m, z)
@@ -171,6 +176,7 @@ def _student_row_stats_kernel(
             cols = blocks[:, None] * SUB + offs_sub[None, :]
             in_row = is_candidate[:, None] & (cols < V)
             z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+            z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
             packed = tl.reshape(tl.where(in_row, _pack(z, cols, V), _PACKED_MIN), [GROUP * SUB])
             tile_top = _tile_topk(packed, LOG_GATHER, LOG_K_PAD, 0)
             # bitonic half-cleaner: running (descending) vs tile (ascending) keeps the top K_PAD of both
@@ -184,14 +190,8 @@ def _student_row_stats_kernel(
         tl.store(topk_logits_ptr + pid_n * stride_topk_logits_c + offs_k, value, mask=offs_k < K)
         tl.store(topk_index_ptr + pid_n * stride_topk_index_c + offs_k, index, mask=offs_k < K)
 
-    if HAS_TARGET:
-        target = tl.load(target_ids_ptr + pid_n)
-        # out-of-range ids (a caller bug) read nothing and give NaN instead of touching other memory
-        in_range = (target >= 0) & (target < V)
-        target_logit = tl.load(row_ptr + target * stride_logits_v, mask=in_range, other=float("nan"))
-        tl.store(target_logit_ptr + pid_n, target_logit.to(tl.float32))
-    else:
-        tl.store(target_logit_ptr + pid_n, 0.0)
+    _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V, pre_scale, softcap_bound,
+                        HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
 
 
 def student_row_stats(
@@ -200,6 +200,8 @@ def student_row_stats(
     target_ids: Tensor | None,
     *,
     out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
+    pre_scale: float = 1.0,
+    softcap_bound: float | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-sum-exp, top-K and target logit per row of the student's logits (Triton).
@@ -213,6 +215,9 @@ def student_row_stats(
         target_ids: [C] int64 or None.
         out: ``(lse, topk_logits, topk_index, target_logit)`` to write into (e.g. row slices of the call's
             outputs), else allocated.
+        pre_scale: multiplies the buffer on load: the part of the logit scale the chunk GEMM's epilogue did not apply.
+        softcap_bound: ``softcap / temperature`` for a softcapped head: the statistics are of
+            ``bound * tanh(logits)`` (see ``sdpo_ops.kernels.elementwise._softcapped``); None: of ``logits``.
         block_v: pass-1 tile width override (a power of two; raised to the top-K width), for tests and tuning.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``, fp32 except the index;
@@ -275,12 +280,15 @@ def student_row_stats(
         V=V,
         K=topk,
         num_candidates=min(topk, num_blocks),
+        pre_scale=float(pre_scale),
+        softcap_bound=float(softcap_bound or 0.0),
         stride_logits_c=logits.stride(0),
         stride_logits_v=logits.stride(1),
         stride_topk_logits_c=topk_logits.stride(0),
         stride_topk_index_c=topk_index.stride(0),
         HAS_TOPK=topk > 0,
         HAS_TARGET=target_ids is not None,
+        HAS_SOFTCAP=softcap_bound is not None,
         BLOCK_V=block_v,
         SUB=sub,
         NB_PAD=nb_pad,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sdpo_ops.kernels.elementwise import _on_load, _store_target_logit
 from sdpo_ops.kernels.launch import launch
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
@@ -35,6 +36,8 @@ def _teacher_row_stats_kernel(
     target_logit_ptr,
     V,
     J,
+    pre_scale,
+    softcap_bound,
     stride_logits_c,
     stride_logits_v,
     stride_index_c,
@@ -43,6 +46,7 @@ def _teacher_row_stats_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_J: tl.constexpr,
     HAS_TARGET: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
@@ -54,6 +58,7 @@ def _teacher_row_stats_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         u = tl.load(row_ptr + cols * stride_logits_v, mask=cols < V, other=-float("inf")).to(tl.float32)
+        u = tl.where(cols < V, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
         m_new = tl.maximum(m, tl.max(u, axis=0))
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(u - shift), axis=0)
@@ -66,15 +71,11 @@ def _teacher_row_stats_kernel(
     index = tl.load(index_ptr + pid_n * stride_index_c + offs_j * stride_index_j, mask=in_j, other=0)
     in_range = (index >= 0) & (index < V)
     gathered = tl.load(row_ptr + index * stride_logits_v, mask=in_j & in_range, other=float("nan")).to(tl.float32)
+    gathered = _on_load(gathered, pre_scale, softcap_bound, HAS_SOFTCAP)
     tl.store(gathered_ptr + pid_n * stride_gathered_c + offs_j, gathered, mask=in_j)
 
-    if HAS_TARGET:
-        target = tl.load(target_ids_ptr + pid_n)
-        target_in_range = (target >= 0) & (target < V)
-        target_logit = tl.load(row_ptr + target * stride_logits_v, mask=target_in_range, other=float("nan"))
-        tl.store(target_logit_ptr + pid_n, target_logit.to(tl.float32))
-    else:
-        tl.store(target_logit_ptr + pid_n, 0.0)
+    _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V, pre_scale, softcap_bound,
+                        HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
 
 
 def teacher_row_stats(
@@ -83,6 +84,8 @@ def teacher_row_stats(
     target_ids: Tensor | None = None,
     *,
     out: tuple[Tensor, Tensor, Tensor] | None = None,
+    pre_scale: float = 1.0,
+    softcap_bound: float | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-sum-exp per row of the teacher's logits and the logits at the given columns (Triton).
@@ -94,6 +97,8 @@ def teacher_row_stats(
         index: [C, J] int64, columns in [0, V) (the student's top-K).
         target_ids: [C] int64 or None: one more column per row, read into ``target_logit``.
         out: ``(lse, gathered, target_logit)`` to write into, else allocated.
+        pre_scale: multiplies the buffer on load: the part of the logit scale the chunk GEMM's epilogue did not apply.
+        softcap_bound: ``softcap / temperature`` for a softcapped head (statistics of ``bound * tanh(logits)``).
         block_v: tile width override (a power of two), for tests and tuning.
     Returns:
         ``(lse [C], gathered [C, J], target_logit [C])``, fp32; ``target_logit`` is zeros without targets.
@@ -139,6 +144,8 @@ def teacher_row_stats(
         target_logit_ptr=target_logit,
         V=V,
         J=J,
+        pre_scale=float(pre_scale),
+        softcap_bound=float(softcap_bound or 0.0),
         stride_logits_c=logits.stride(0),
         stride_logits_v=logits.stride(1),
         stride_index_c=index.stride(0),
@@ -147,6 +154,7 @@ def teacher_row_stats(
         BLOCK_V=block_v,
         BLOCK_J=max(triton.next_power_of_2(J), 2),
         HAS_TARGET=target_ids is not None,
+        HAS_SOFTCAP=softcap_bound is not None,
         num_warps=num_warps,
     )
     return out

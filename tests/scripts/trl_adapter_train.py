@@ -1,9 +1,18 @@
-"""Train ``sdpo_ops.adapters.trl.SDPOTrainer`` for two steps on a fixed, deterministic setup.
+"""Train ``sdpo_ops.adapters.trl.SDPOTrainer`` for a few steps on a fixed, deterministic setup.
 
-Run it with plain ``python`` (one process) or under ``accelerate launch --num_processes 2 --cpu`` (DDP on
-gloo): with ``--global-batch`` fixed, both runs see the same prompts, the same greedy completions and the
-same rewards, so they must log the same losses and end with the same weights. Each process saves its logs
-and weights to ``<out>/rank<i>.pt``.
+Run it with plain ``python`` (one process) or under ``accelerate launch --multi_gpu --num_processes 2`` (DDP on
+gloo with ``use_cpu=True``): with ``--global-batch`` fixed, both runs see the same prompts, the same greedy
+completions and the same rewards, so they must log the same losses and end with the same weights. Each process
+saves its logs, weights and teacher to ``<out>/rank<i>.pt``.
+
+``--fsdp2`` shards the student and teacher with FSDP2 on CPU/gloo. accelerate has no CPU FSDP: on a machine
+without a GPU its state silently turns an FSDP plugin into plain MULTI_CPU data parallelism. The narrowest
+way in is at that boundary: after ``AcceleratorState`` resolved MULTI_CPU, set the FSDP distributed type and
+the plugin it dropped; everything downstream (transformers, TRL, accelerate's FSDP2 preparation) then takes
+its real FSDP2 path.
+
+``--save-steps N`` checkpoints every N steps; ``--then-resume-from-step K`` then trains a fresh trainer resumed
+from the checkpoint at step K, in the same processes (one launch instead of two: start-up is most of the time).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import AutoTokenizer, set_seed  # noqa: E402
+from transformers import AutoTokenizer, TrainerCallback, set_seed  # noqa: E402
 
 from sdpo_ops.adapters.trl import SDPOConfig, SDPOTrainer  # noqa: E402
 
@@ -33,21 +42,79 @@ def reward_by_prompt(prompts, completion_ids, **kwargs) -> list[dict]:
     return items
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--global-batch", type=int, default=8)
-    options = parser.parse_args()
+def force_fsdp_on_cpu() -> None:
+    """Make accelerate keep the FSDP plugin it drops on a CPU-only machine (see the module docstring)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
 
+    resolve = AcceleratorState.__init__
+
+    def resolve_keeping_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+        resolve(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            # As accelerate does on GPUs: the process-wide state carries the type too (every later
+            # AcceleratorState() copies it from there).
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = resolve_keeping_fsdp
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    if isinstance(tensor, torch.distributed.tensor.DTensor):
+        tensor = tensor.full_tensor()
+    return tensor.detach().cpu().clone()
+
+
+def model_weights(trainer) -> dict[str, torch.Tensor]:
+    """The student's parameters, whole (gathered from FSDP2 shards), without the LoRA teacher adapter."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return {name: _full(p) for name, p in model.named_parameters() if ".teacher." not in name}
+
+
+def teacher_weights(trainer) -> dict[str, torch.Tensor]:
+    """The EMA teacher's tensors, whole: the LoRA "teacher" adapter, or the separate copy's parameters."""
+    if trainer.teacher_model is trainer.model:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        return {name: _full(p) for name, p in model.named_parameters() if ".teacher." in name}
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    return {name: _full(p) for name, p in teacher.named_parameters()}
+
+
+class TeacherSnapshots(TrainerCallback):
+    """The teacher before the first step this process takes (right after a resume: the restored one), and at
+    each checkpoint save (every rank joins the FSDP2 gathers)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.at_first_step = None
+        self.at_save = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.at_first_step is None:
+            self.at_first_step = teacher_weights(self.trainer)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.at_save[state.global_step] = teacher_weights(self.trainer)
+
+
+def train(options, output_dir: str, resume_from: str | None) -> dict:
+    """One training run (a fresh trainer, as a new process builds it); returns what this rank records."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    sharding = {}
+    if options.fsdp2:
+        sharding = {
+            "fsdp": "full_shard",
+            "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]},
+        }
     args = SDPOConfig(
-        output_dir=os.path.join(options.out, "trainer"),
+        output_dir=output_dir,
         per_device_train_batch_size=options.global_batch // world_size,
         gradient_accumulation_steps=1,
         num_generations=4,
         max_completion_length=8,
-        max_steps=2,
+        max_steps=options.max_steps,
         # The second step reuses the rollout: old log-probs and the IS weight are active.
         num_iterations=2,
         # Greedy decoding: the completions do not depend on how the random streams are split across ranks.
@@ -65,24 +132,73 @@ def main() -> None:
         use_cpu=True,
         bf16=False,
         seed=0,
-        save_strategy="no",
+        # With checkpoints, SGD with momentum: the optimizer then has state a resume must restore (and torch's
+        # FSDP2 full-state-dict optimizer loading fails on a stateless optimizer: "Expected device to be set").
+        optim_args="momentum=0.5" if options.save_steps else None,
+        save_strategy="steps" if options.save_steps else "no",
+        save_steps=options.save_steps or 500,
+        # A fast EMA, so that the teacher moves visibly in two steps.
+        teacher_update_rate=0.3,
         disable_tqdm=True,
+        **sharding,
     )
+    peft_config = None
+    if options.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     tokenizer = AutoTokenizer.from_pretrained(options.model_dir)
     dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": text}] for text in PROMPTS]})
+    snapshots = TeacherSnapshots()
     trainer = SDPOTrainer(
         model=options.model_dir,
         reward_funcs=reward_by_prompt,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
+        callbacks=[snapshots],
+        peft_config=peft_config,
     )
+    snapshots.trainer = trainer
     set_seed(args.seed)
-    trainer.train()
-    weights = {name: value.detach().cpu().clone() for name, value in trainer.model.state_dict().items()}
-    rank = trainer.accelerator.process_index
-    record = {"logs": trainer.state.log_history, "weights": weights, "num_processes": trainer.accelerator.num_processes}
-    torch.save(record, os.path.join(options.out, f"rank{rank}.pt"))
+    trainer.train(resume_from_checkpoint=resume_from)
+    return {
+        "logs": trainer.state.log_history,
+        "weights": model_weights(trainer),
+        "teacher": teacher_weights(trainer),
+        "teacher_at_first_step": snapshots.at_first_step,
+        "teacher_at_save": snapshots.at_save,
+        "num_processes": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--global-batch", type=int, default=8)
+    parser.add_argument("--max-steps", type=int, default=2)
+    parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: never)")
+    parser.add_argument(
+        "--then-resume-from-step",
+        type=int,
+        default=None,
+        help="after the run, resume a fresh trainer from its checkpoint at this step (saved as rank<i>_resumed.pt)",
+    )
+    parser.add_argument("--fsdp2", action="store_true")
+    parser.add_argument("--lora", action="store_true")
+    options = parser.parse_args()
+    if options.fsdp2:
+        force_fsdp_on_cpu()
+
+    rank = int(os.environ.get("RANK", "0"))
+    run_dir = os.path.join(options.out, "trainer")
+    torch.save(train(options, run_dir, None), os.path.join(options.out, f"rank{rank}.pt"))
+    if options.then_resume_from_step is not None:
+        checkpoint = os.path.join(run_dir, f"checkpoint-{options.then_resume_from_step}")
+        record = train(options, os.path.join(options.out, "resumed"), checkpoint)
+        torch.save(record, os.path.join(options.out, f"rank{rank}_resumed.pt"))
 
 
 if __name__ == "__main__":
