@@ -26,8 +26,10 @@ the gradients and FSDP/ZeRO-3 gather the backbone; the backbones run under the a
 the accelerate-wrapped ``model.forward`` TRL calls would, and the head takes autocast's compute dtype.
 Under ZeRO-3 the lm_head is gathered with TRL's ``maybe_gather_lm_head_ctx`` and a copy is held until
 backward (the fused loss recomputes logits there); FSDP2 DTensor heads are gathered with ``full_tensor``.
-With ``use_teacher_server=True`` the loss is TRL's own (the server returns the teacher's top-k support,
-which the fused call cannot read).
+With ``use_teacher_server=True`` (the vLLM server scores the completions and returns the teacher's own top-k
+log-probs) the loss runs on :func:`sdpo_ops.sdpo_loss_from_teacher_topk` from the student's hidden states, with
+TRL's weight sync, server request (``_get_teacher_token_logprobs_from_server``), error for a required token the
+server did not score, and ``self_distillation/server_logprob_abs_diff`` metric.
 
 Reward functions may also return textual feedback (see :mod:`sdpo_ops.adapters.feedback`): a list of
 ``{"score", "feedback"}`` dicts or a ``RewardWithFeedback``. The feedback of each completion reaches the
@@ -41,6 +43,7 @@ then calls TRL's), ``SuccessfulRolloutTeacherContextBuilder.build`` (merges the 
 ``SDPOTrainer._setup_teacher_model`` (calls TRL's, then swaps its ``PEFTAdapterEMACallback`` for ours),
 ``Trainer.train`` and ``Trainer._save_checkpoint`` (the teacher file, then transformers' own).
 Used, not overridden: ``_get_teacher_context_for_self_distillation``, ``teacher_model``, ``model_kwarg_keys``,
+``_get_teacher_token_logprobs_from_server``, ``vllm_generation.sync_weights``, ``_last_loaded_step``,
 ``current_gradient_accumulation_steps``, ``_metrics``, ``_log_self_distillation_metric``,
 ``trl.models.utils._ForwardRedirection``, ``trl.trainer.utils.maybe_gather_lm_head_ctx``.
 
@@ -94,7 +97,7 @@ if Version(trl.__version__) < Version("1.16"):  # pragma: no cover
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from sdpo_ops import sdpo_loss
+from sdpo_ops import sdpo_loss, sdpo_loss_from_teacher_topk
 from sdpo_ops.adapters import trl_teacher
 from sdpo_ops.adapters.feedback import split_scores_and_feedback
 from sdpo_ops.adapters.heads import refuse_logit_transforms
@@ -634,9 +637,9 @@ class SDPOTrainer(_TRLSDPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if return_outputs:
             raise ValueError("The SDPOTrainer does not support returning outputs")
-        if self.use_teacher_server:
-            # The server returns the teacher's own top-k support, which the fused call cannot read: TRL's path.
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.use_teacher_server:  # TRL allows it only with distillation_weight == 1
+            loss = self._server_distillation_loss(model, inputs)
+            return loss / (self.current_gradient_accumulation_steps if self.model.training else 1.0)
         self._verify_plain_head(
             torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
@@ -674,6 +677,91 @@ class SDPOTrainer(_TRLSDPOTrainer):
 
         accumulation_scale = self.current_gradient_accumulation_steps if self.model.training else 1.0
         return loss / accumulation_scale
+
+    def _server_distillation_loss(self, model, inputs: dict[str, Any]) -> Tensor:
+        """TRL's ``_compute_server_distillation_loss`` with the loss on the fused path: no ``[B, T, V]`` logits."""
+        # As TRL: buffered batches are reused across optimizer steps, so the server may hold stale weights.
+        if self.state.global_step != self._last_loaded_step:
+            self.vllm_generation.sync_weights()
+            self.accelerator.wait_for_everyone()
+            self._last_loaded_step = self.state.global_step
+        completion_ids = inputs["completion_ids"]
+        self._verify_plain_head(
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+        )
+        loss_mask = inputs["completion_mask"].float()
+        if inputs.get("self_distillation_mask") is not None:
+            loss_mask = loss_mask * inputs["self_distillation_mask"].unsqueeze(1)
+        teacher = self._get_teacher_token_logprobs_from_server(inputs, completion_ids.size(1))
+        required = loss_mask.bool()
+        if (required & ~torch.isfinite(teacher["actual_logprobs"])).any():
+            raise ValueError("Teacher server returned no logprob for a required completion token.")
+        student = self.accelerator.unwrap_model(model)
+        result = self._forward_redirection(
+            model, student, self._served_teacher_forward, student, inputs, teacher, loss_mask
+        )
+        # TRL's diagnostic: the student's local log-prob of each realized token against the server's.
+        loss_mask = result["loss_mask"]
+        teacher_logprobs = torch.where(required, teacher["actual_logprobs"], 0.0).to(loss_mask.device)
+        result["teacher_target_logprobs"] = teacher_logprobs  # what the "sampled_token" objective reads
+        abs_diff = (result["target_logprobs"].detach() - teacher_logprobs).abs()
+        abs_diff = (abs_diff * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["self_distillation/server_logprob_abs_diff"].append(
+            self.accelerator.gather(abs_diff).mean().item()
+        )
+        return self._distillation_loss(model, result)
+
+    def _served_teacher_forward(
+        self, student: nn.Module, inputs: dict[str, Any], teacher: dict[str, Tensor], loss_mask: Tensor
+    ) -> dict[str, Tensor]:
+        """The student's side of the server loss, run inside its wrapper forward: hidden states, the lm_head and
+        :func:`sdpo_loss_from_teacher_topk` on the server's top-k; the same dict as :meth:`_fused_forward`."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        student_hidden = self._completion_hidden_states(
+            student,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            completion_ids.size(1),
+        )
+        student_weight, student_bias = _lm_head(student)
+        with_is = self.args.distillation_is_clip is not None and inputs.get("old_per_token_logps") is not None
+        sampled_token = self.args.distillation_mode == "sampled_token"
+        head_dtype = self._head_dtype(student_hidden, student_weight)
+        with (
+            _full_head_tensors(student_weight, student_bias) as (student_weight, student_bias),
+            torch.autocast(student_hidden.device.type, enabled=False),
+        ):
+            device = student_weight.device
+            output = sdpo_loss_from_teacher_topk(
+                student_hidden.to(device, head_dtype),
+                student_weight.to(head_dtype),
+                teacher["topk_logprobs"].to(device),
+                teacher["topk_token_ids"].to(device),
+                student_bias=None if student_bias is None else student_bias.to(head_dtype),
+                mask=loss_mask.to(device),
+                target_ids=completion_ids.to(device),
+                old_logprobs=inputs["old_per_token_logps"].to(device) if with_is else None,
+                add_tail=self.args.distillation_add_tail,
+                # "sampled_token" reads only the target log-probs (the server sent its top-1): any divergence will do
+                alpha=1.0 if sampled_token else self.args.distillation_alpha,
+                is_clip=self.args.distillation_is_clip if with_is else None,
+                temperature=self.temperature,
+                # the divergence alone needs a gradient: reduced in the call, its gradient formed in forward
+                reduction="none" if sampled_token else "seq-mean-token-mean",
+                return_outputs=True,
+            )
+        result = {
+            "reduced_loss": None if sampled_token else output.loss,
+            "per_token_loss": output.per_token_loss,
+            "target_logprobs": output.target_logprobs,
+            "topk_mass": output.topk_mass,
+            "loss_mask": loss_mask.to(device),
+        }
+        if output.is_weight is not None:
+            result["is_weight"] = output.is_weight
+        return result
 
     def _distillation_loss(self, model, result: dict[str, Tensor]) -> Tensor:
         """TRL's aggregation of the per-token divergence: token mean per sequence, mean over sequences."""
