@@ -87,6 +87,8 @@ MODES = (
     Mode("frozen-head", dict(topk=100), weight_grad=False),  # no dW
     Mode("frozen-hidden", dict(topk=100), hidden_grad=False),  # no dH
     Mode("no-grad", dict(topk=100), hidden_grad=False, weight_grad=False, backward=False),
+    Mode("softcap-T0.7", dict(topk=100, logit_softcap=30.0, temperature=0.7)),  # Gemma 2: the transform on load
+    Mode("full-vocab-softcap", dict(topk=None, logit_softcap=30.0)),
 )
 
 
