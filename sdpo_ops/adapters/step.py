@@ -5,10 +5,11 @@ sliced out, and :func:`sdpo_ops.sdpo_loss` fuses the lm_head into the loss, so n
 exist. The teacher runs first, under ``torch.no_grad()``, so its activations are freed before the
 student's graph is built.
 
-This assumes ``logits = lm_head(last_hidden_state)``, true of the common causal LMs (Llama, Qwen, Mistral,
-SmolLM, Phi, ...). Models that transform the logits afterwards (Gemma's final soft-capping, Cohere's
-``logit_scale``, Granite's ``logits_scaling``) are refused with an error rather than trained on a
-different objective.
+Heads that post-process ``lm_head(last_hidden_state)`` as their config declares (Gemma 2's final
+soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``, ...: :mod:`sdpo_ops.adapters.heads`)
+get that transform applied inside the fused loss. A transform the config does not declare is not detected
+here (the TRL trainer checks for one); compare ``model(...).logits`` with the backbone + lm_head once when
+in doubt.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from sdpo_ops.adapters.batch import SDPOBatch
-from sdpo_ops.adapters.heads import refuse_logit_transforms
+from sdpo_ops.adapters.heads import shared_logit_transform
 from sdpo_ops.adapters.teacher import EMATeacher
 from sdpo_ops.loss import SDPOOutput, sdpo_loss
 
@@ -48,13 +49,8 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | Non
     """``(backbone, lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM (or a PEFT wrapper).
 
     The backbone is the module that returns the final (normed) hidden states: ``model.get_decoder()``, else
-    ``model.model``. Raises for models whose logits are not ``lm_head(hidden)``.
+    ``model.model``. Raises for an output embedding that is not a plain ``nn.Linear``.
     """
-    refuse_logit_transforms(
-        model,
-        role="student or teacher",
-        alternative="Use sdpo_ops.sdpo_loss_from_logits on the model's logits instead.",
-    )
     backbone = None
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
@@ -119,8 +115,9 @@ def sdpo_step(
 
     Computes exactly: ``sdpo_ops.reference.sdpo_loss_reference_from_logits(student_logits, teacher_logits,
     mask=completion_mask * self_distillation_mask, target_ids=completion_ids, old_logprobs=old_logprobs, ...)``
-    where ``*_logits`` are the models' logits (``model(input_ids, attention_mask, position_ids).logits``) at
-    the positions that predict the completion tokens, without ever forming them.
+    where ``*_logits`` are the models' logits (``model(input_ids, attention_mask, position_ids).logits``, the
+    config's logit scale and softcap included) at the positions that predict the completion tokens, without
+    ever forming them.
 
     Args:
         student: the causal LM being trained (plain ``transformers`` model or PEFT wrapper).
@@ -134,6 +131,7 @@ def sdpo_step(
             left padding does not shift positions; False lets the model use ``arange(L)``.
         **loss_options: the other keyword arguments of :func:`sdpo_ops.sdpo_loss` (``topk``, ``add_tail``,
             ``alpha``, ``is_clip``, ``temperature``, ``normalizer``, ``token_weights``, ``backend``, ...).
+            ``logit_scale`` and ``logit_softcap`` come from the models' configs.
 
     Returns:
         An :class:`SDPOStepOutput`; call ``result.loss.backward()``.
@@ -141,9 +139,18 @@ def sdpo_step(
     for reserved in ("mask", "target_ids", "old_logprobs", "return_outputs"):
         if reserved in loss_options:
             raise TypeError(f"sdpo_step sets {reserved!r} from the batch; do not pass it")
+    for reserved in ("logit_scale", "logit_softcap"):
+        if reserved in loss_options:
+            raise TypeError(
+                f"sdpo_step reads {reserved!r} from the models' configs (sdpo_ops.adapters.heads); do not pass it"
+            )
     num_completion = batch.completion_ids.shape[1]
 
     teacher_model = student if teacher is None else teacher
+    # The teacher is the EMA copy, or the student itself in shadow mode: its config is the one to read.
+    transform = shared_logit_transform(
+        student, teacher_model.model if isinstance(teacher_model, EMATeacher) else teacher_model
+    )
     with torch.no_grad():
         if isinstance(teacher_model, EMATeacher):
             with teacher_model.forward_context() as model:
@@ -175,6 +182,7 @@ def sdpo_step(
         reduction=reduction,
         return_outputs=True,
         **loss_options,
+        **transform.loss_options(),
     )
     metrics = {"loss": output.loss.detach(), **output.metrics}
     if batch.self_distillation_mask is not None:
