@@ -18,10 +18,10 @@ MODEL_TYPES = {
     "gemma2": {},  # final_logit_softcapping
     "gemma3_text": {"final_logit_softcapping": 3.0, "head_dim": 8},
     "cohere": {},  # logit_scale multiplies
-    "cohere2": {"logit_scale": 1.5},
+    "cohere2": {"logit_scale": 0.25},
     "granite": {},  # logits_scaling divides
-    "granitemoe": {"logits_scaling": 0.75, "num_local_experts": 2, "num_experts_per_tok": 1},
-    "hyperclovax": {"logits_scaling": 0.75},  # the one model whose logits_scaling multiplies
+    "granitemoe": {"logits_scaling": 4.0, "num_local_experts": 2, "num_experts_per_tok": 1},
+    "hyperclovax": {"logits_scaling": 4.0},  # the one model whose logits_scaling multiplies
     "falcon_h1": {"lm_head_multiplier": 1.5},
 }
 
@@ -66,6 +66,6 @@ def test_bad_config_value_is_refused_naming_the_attribute(model_type, attribute,
 def test_student_and_teacher_with_different_transforms_are_refused(tokenizer):
     student = make_transformed_head_model("cohere", len(tokenizer))
     teacher = make_transformed_head_model("cohere", len(tokenizer), logit_scale=2.0)
-    with pytest.raises(ValueError, match=r"config.logit_scale=1.5.*config.logit_scale=2.0"):
+    with pytest.raises(ValueError, match=r"config.logit_scale=0.25.*config.logit_scale=2.0"):
         shared_logit_transform(student, teacher)
-    assert shared_logit_transform(student, student).logit_scale == 1.5
+    assert shared_logit_transform(student, student).logit_scale == 0.25
