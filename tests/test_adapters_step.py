@@ -261,6 +261,31 @@ def test_bad_logit_transform_in_config_is_refused():
         sdpo_step(student, None, _batch(tokenizer))
 
 
+def test_refuses_an_undeclared_logit_transform():
+    """The forward halves the softcapped logits, the config declares only the cap: refused at the first step."""
+    tokenizer, student, teacher = _setup(model_type="gemma2")
+    linear_forward = student.lm_head.forward
+    student.lm_head.forward = lambda hidden: 0.5 * linear_forward(hidden)
+    with pytest.raises(ValueError, match=r"config\.final_logit_softcapping=3\.0.*does not declare"):
+        sdpo_step(student, teacher, _batch(tokenizer), topk=5)
+
+
+def test_head_check_ignores_dropout_and_leaves_the_random_stream():
+    """In training mode with live dropout, the first step's check passes and draws no random numbers: the first
+    step (checked) and the second (not) give the same loss from the same seed."""
+    tokenizer = make_tokenizer()
+    student = make_model(len(tokenizer), attention_dropout=0.5).train()
+    batch = _batch(tokenizer)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        losses.append(sdpo_step(student, None, batch, topk=5).loss)
+    torch.manual_seed(8)
+    other_draw = sdpo_step(student, None, batch, topk=5).loss
+    assert other_draw != losses[0], "dropout is not live: the test would not see a consumed random draw"
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+
+
 def test_refuses_an_adapter_on_the_lm_head():
     from peft import LoraConfig, get_peft_model
 

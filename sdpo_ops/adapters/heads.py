@@ -10,21 +10,32 @@ One reading for both adapters (``sdpo_step`` and the TRL trainer), the same as T
 - ``final_logit_softcapping`` (Gemma 2 and later): ``cap * tanh(logits / cap)``, after the scale.
 
 They become :func:`sdpo_ops.sdpo_loss`'s ``logit_scale`` and ``logit_softcap``. A bad value is refused with a
-``ValueError`` naming the config attribute. A transform the config does not declare is not seen here: the TRL
-trainer checks once that backbone + head + this transform reproduce the model's own logits.
+``ValueError`` naming the config attribute. A transform the config does not declare is not in the config: each
+adapter checks once that backbone + head + declared transform reproduce the model's own logits
+(:func:`head_check_mode`, :func:`refuse_unreproduced_logits`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from sdpo_ops.reference import transform_logits
 
-__all__ = ["LogitTransform", "logit_transform", "shared_logit_transform"]
+__all__ = [
+    "HEAD_CHECK_SEED",
+    "LogitTransform",
+    "head_check_mode",
+    "logit_transform",
+    "refuse_unreproduced_logits",
+    "shared_logit_transform",
+]
 
 # TRL's precedence: the first attribute that is not None is the scale.
 _MULTIPLIER_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multiplier")
@@ -113,3 +124,46 @@ def shared_logit_transform(student: nn.Module, teacher: nn.Module) -> LogitTrans
             "post-process their logits differently; sdpo_ops' fused loss applies one logit transform to both"
         )
     return student_transform
+
+
+# Tolerance of the one-off check that backbone + lm_head + declared transform reproduce the model's own logits.
+# Both sides run the same matmul on the same hidden state, so any real undeclared transform (a scale, a cap)
+# exceeds it by far.
+_HEAD_CHECK_RTOL = 1e-3
+# Both forwards of the check start from this seed, so a random draw other than dropout repeats too.
+HEAD_CHECK_SEED = 0
+
+
+@contextlib.contextmanager
+def head_check_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and forked random streams for the head check's two forwards, both restored on exit.
+
+    Eval mode turns dropout off (modules and ``nn.functional.dropout(training=self.training)`` alike, which TRL's
+    ``disable_dropout`` does not reach); forking leaves the training's random streams untouched.
+    """
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def refuse_unreproduced_logits(
+    model: nn.Module, expected: Tensor, actual: Tensor, transform: LogitTransform, *, alternative: str
+) -> None:
+    """Raise ``ValueError`` unless ``actual`` (the declared transform of ``hidden @ W^T + b``) matches ``expected``
+    (the model's own logits), both ``[..., V]``, to within the check's tolerance."""
+    expected = expected.float()
+    scale = expected.abs().max().clamp(min=1.0)
+    error = (actual.to(expected.device) - expected).abs().max()
+    if not error <= _HEAD_CHECK_RTOL * scale:
+        raise ValueError(
+            f"{type(model).__name__}'s logits are not `last_hidden_state @ lm_head.weight^T + bias` with its declared "
+            f"transform ({transform.describe()}; max difference {float(error):.3g} for logits up to "
+            f"{float(scale):.3g}): the model transforms its logits in a way its config does not declare, which the "
+            f"fused loss cannot reproduce. {alternative}"
+        )

@@ -7,13 +7,14 @@ student's graph is built.
 
 Heads that post-process ``lm_head(last_hidden_state)`` as their config declares (Gemma 2's final
 soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``, ...: :mod:`sdpo_ops.adapters.heads`)
-get that transform applied inside the fused loss. A transform the config does not declare is not detected
-here (the TRL trainer checks for one); compare ``model(...).logits`` with the backbone + lm_head once when
-in doubt.
+get that transform applied inside the fused loss. A transform the config does not declare is refused at the
+first call for each student, by comparing its own logits for one sequence with backbone + lm_head + declared
+transform (in eval mode, random streams forked: the training's draws are unchanged).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from sdpo_ops.adapters.batch import SDPOBatch
-from sdpo_ops.adapters.heads import shared_logit_transform
+from sdpo_ops.adapters.heads import (
+    HEAD_CHECK_SEED,
+    LogitTransform,
+    head_check_mode,
+    refuse_unreproduced_logits,
+    shared_logit_transform,
+)
 from sdpo_ops.adapters.teacher import EMATeacher
 from sdpo_ops.loss import SDPOOutput, sdpo_loss
 
@@ -163,6 +170,7 @@ def sdpo_step(
             )
 
     backbone, student_weight, student_bias = backbone_and_head(student)
+    _verify_head_once(student, backbone, student_weight, student_bias, transform, batch, position_ids_from_mask)
     student_hidden = completion_hidden_states(
         backbone, batch.input_ids, batch.attention_mask, num_completion, position_ids_from_mask=position_ids_from_mask
     )
@@ -189,6 +197,41 @@ def sdpo_step(
         metrics["self_distillation_fraction"] = batch.self_distillation_mask.float().mean()
     metrics["num_loss_tokens"] = loss_mask.sum()
     return SDPOStepOutput(loss=output.loss, output=output, loss_mask=loss_mask, metrics=metrics)
+
+
+# Students whose own logits were found equal to backbone + lm_head + declared transform (checked once each).
+_VERIFIED_STUDENTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _verify_head_once(
+    model: nn.Module,
+    backbone: nn.Module,
+    weight: Tensor,
+    bias: Tensor | None,
+    transform: LogitTransform,
+    batch: SDPOBatch,
+    position_ids_from_mask: bool,
+) -> None:
+    """Refuse, at its first step, a student whose logits are not what the fused loss computes (an undeclared
+    transform): both forwards on the batch's first sequence, at the position predicting its last token."""
+    if model in _VERIFIED_STUDENTS:
+        return
+    input_ids, attention_mask = batch.input_ids[:1], batch.attention_mask[:1]
+    model_inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids_from_mask:
+        model_inputs["position_ids"] = positions_from_mask(attention_mask)
+    with torch.no_grad(), head_check_mode(model):
+        torch.manual_seed(HEAD_CHECK_SEED)
+        hidden = completion_hidden_states(
+            backbone, input_ids, attention_mask, 1, position_ids_from_mask=position_ids_from_mask
+        )[0, -1]
+        torch.manual_seed(HEAD_CHECK_SEED)
+        expected = model(**model_inputs).logits[0, -2]
+        actual = transform.apply(nn.functional.linear(hidden, weight, bias))
+    refuse_unreproduced_logits(
+        model, expected, actual, transform, alternative="Use sdpo_ops.sdpo_loss_from_logits on its logits instead."
+    )
+    _VERIFIED_STUDENTS.add(model)
 
 
 def _teacher_side(

@@ -99,14 +99,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from sdpo_ops import sdpo_loss
 from sdpo_ops.adapters import trl_teacher
 from sdpo_ops.adapters.feedback import split_scores_and_feedback
-from sdpo_ops.adapters.heads import LogitTransform, shared_logit_transform
+from sdpo_ops.adapters.heads import (
+    HEAD_CHECK_SEED,
+    LogitTransform,
+    head_check_mode,
+    refuse_unreproduced_logits,
+    shared_logit_transform,
+)
 
 __all__ = ["SDPOConfig", "SDPOTrainer"]
-
-# Tolerance of the one-off check that the backbone + lm_head reproduces the model's own logits. Both sides
-# run the same matmul on the same hidden state, so any real transform (a scale, a cap) exceeds it by far.
-_HEAD_CHECK_RTOL = 1e-3
-_HEAD_CHECK_SEED = 0
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
@@ -474,44 +475,33 @@ class SDPOTrainer(_TRLSDPOTrainer):
             expected, actual = self._forward_redirection(
                 self.model, model, self._head_check_logits, model, input_ids[:1], attention_mask[:1]
             )
-        scale = expected.abs().max().clamp(min=1.0)
-        error = (actual - expected).abs().max()
-        if not error <= _HEAD_CHECK_RTOL * scale:
-            raise ValueError(
-                f"{type(_transformers_model(model)).__name__}'s logits are not `last_hidden_state @ lm_head.weight^T + "
-                f"bias` with its config's {self._logit_transform.describe()} (max difference {float(error):.3g} for "
-                f"logits up to {float(scale):.3g}): the model transforms its logits in a way its config does not "
-                "declare, which sdpo_ops.adapters.trl cannot reproduce. Use trl.experimental.sdpo.SDPOTrainer."
-            )
+        refuse_unreproduced_logits(
+            _transformers_model(model),
+            expected,
+            actual,
+            self._logit_transform,
+            alternative="Use trl.experimental.sdpo.SDPOTrainer.",
+        )
 
     def _head_check_logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """``(model's own last logits [V], the declared transform of hidden @ W^T + b [V])`` for one sequence, fp32.
 
-        Two forwards (the model's, and its backbone's as the fused loss runs it) that must not differ by chance:
-        eval mode turns dropout off (modules and ``nn.functional.dropout(training=self.training)`` alike, which
-        TRL's ``disable_dropout`` does not reach), and each forward starts from the same seed, so any other random
-        draw repeats too. The training's random streams are forked, so the check leaves them untouched.
+        Two forwards (the model's, and its backbone's as the fused loss runs it) that must not differ by chance: in
+        eval mode, each from the same seed, the training's random streams forked (:func:`head_check_mode`).
         """
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        modes = [(module, module.training) for module in model.modules()]
-        try:
-            model.eval()
-            # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
-            with torch.random.fork_rng(devices=cuda_devices), self.accelerator.autocast():
-                torch.manual_seed(_HEAD_CHECK_SEED)
-                hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
-                if "logits_to_keep" in self.model_kwarg_keys:
-                    model_inputs["logits_to_keep"] = 1
-                torch.manual_seed(_HEAD_CHECK_SEED)
-                expected = model(**model_inputs).logits[0, -1].float()
-                weight, bias = _lm_head(model)
-                with _full_head_tensors(weight, bias) as (weight, bias):
-                    hidden = hidden.to(weight.device, weight.dtype)
-                    actual = self._logit_transform.apply(nn.functional.linear(hidden, weight, bias))
-        finally:
-            for module, was_training in modes:
-                module.training = was_training
+        # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
+        with head_check_mode(model), self.accelerator.autocast():
+            torch.manual_seed(HEAD_CHECK_SEED)
+            hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
+            if "logits_to_keep" in self.model_kwarg_keys:
+                model_inputs["logits_to_keep"] = 1
+            torch.manual_seed(HEAD_CHECK_SEED)
+            expected = model(**model_inputs).logits[0, -1].float()
+            weight, bias = _lm_head(model)
+            with _full_head_tensors(weight, bias) as (weight, bias):
+                hidden = hidden.to(weight.device, weight.dtype)
+                actual = self._logit_transform.apply(nn.functional.linear(hidden, weight, bias))
         return expected, actual.to(expected.device)
 
     # --------------------------------------------------------------------------------- fused call
