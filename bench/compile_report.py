@@ -87,6 +87,8 @@ MODES = (
     Mode("frozen-head", dict(topk=100), weight_grad=False),  # no dW
     Mode("frozen-hidden", dict(topk=100), hidden_grad=False),  # no dH
     Mode("no-grad", dict(topk=100), hidden_grad=False, weight_grad=False, backward=False),
+    Mode("softcap-T0.7", dict(topk=100, logit_softcap=30.0, temperature=0.7)),  # Gemma 2: the transform on load
+    Mode("full-vocab-softcap", dict(topk=None, logit_softcap=30.0)),
 )
 
 
@@ -468,6 +470,14 @@ def markdown(results: list[CompileResult], source_state: str) -> str:
             f"{_row_access_text(result.row_accesses, 'load')} | {_row_access_text(result.row_accesses, 'store')} | "
             f"{result.sass_ldg_128} / {result.sass_ldg} | {version} |"
         )
+    unaligned = sum("not 16-B aligned" in _summary(result) for result in results)
+    if unaligned:
+        lines += [
+            "",
+            f"{unaligned} of the {len(results)} specialisations have a pointer off 16 bytes, typically a per-chunk "
+            "view of an `[N]` fp32 output whose offset, chunk start * 4 bytes, is not a multiple of 16 (a chunk "
+            "size that is not a multiple of 4 rows). Each is one more JIT compile on the GPU.",
+        ]
     lines += ["", "## Specialisations in full", ""]
     for number, result in enumerate(results, start=1):
         signature = ", ".join(

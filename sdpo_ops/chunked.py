@@ -52,7 +52,9 @@ CHUNK_BYTES = {"cuda": 224 * 2**20, "meta": 224 * 2**20, "cpu": 32 * 2**20}
 # keeps it compute-bound. On CPU there is no such cliff: one chunk per pass.
 DW_STAGE_ROWS = {"cuda": 1536, "meta": 1536, "cpu": 1}
 # torch >= 2.8 multiplies bf16/fp16 into an fp32 output on CUDA without rounding the product first.
-_HAS_MM_OUT_DTYPE = hasattr(torch, "mm") and tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)
+# (The first release with mm/addmm.dtype_out; every release since accepts an fp32 accumulator as ``self``:
+# bench/results/sm90-compile/torch_addmm_out_dtype.md.)
+_HAS_MM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 @dataclass(frozen=True)
@@ -79,9 +81,17 @@ class FusedOptions:
         return None if self.logit_softcap is None else self.logit_softcap / self.temperature
 
 
+# Chunks start on a multiple of this many rows, so every chunk's view of the per-row outputs is 16-byte aligned
+# (one Triton specialisation, not two: a pointer off 16 bytes compiles its own kernel, with narrower accesses).
+CHUNK_ROW_MULTIPLE = 16
+
+
 def default_chunk_size(num_tokens: int, vocab: int, device: torch.device) -> int:
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
-    return max(1, min(num_tokens, budget // (4 * vocab)))
+    rows = budget // (4 * vocab)
+    if rows >= CHUNK_ROW_MULTIPLE:
+        rows -= rows % CHUNK_ROW_MULTIPLE
+    return max(1, min(num_tokens, rows))
 
 
 def stage_rows_for(options: FusedOptions, num_tokens: int, device: torch.device) -> int:

@@ -1,4 +1,4 @@
-"""Tiny causal LMs (Qwen2, OPT), a character-level chat tokenizer and TRL set-ups for the adapter tests (CPU, ms)."""
+"""Tiny causal LMs (Qwen2, OPT, heads with logit transforms), a char-level chat tokenizer, TRL set-ups (CPU, ms)."""
 
 from __future__ import annotations
 
@@ -69,6 +69,45 @@ def make_opt_model(vocab_size: int, *, seed: int = 0, **overrides) -> OPTForCaus
     # Tied head and embeddings: widen the logits 5x (20x would make the model echo its input).
     with torch.no_grad():
         model.lm_head.weight.mul_(5.0)
+    return model.eval()
+
+
+# Heads that post-process `lm_head(hidden)`, as each model's own forward does it (transformers 5, modeling_*.py):
+# Gemma 2 `cap * tanh(logits / cap)`, Cohere `logits * logit_scale`, Granite `logits / logits_scaling`.
+LOGIT_TRANSFORMS = {
+    "gemma2": {"final_logit_softcapping": 3.0, "head_dim": 8},
+    "cohere": {"logit_scale": 0.25},
+    "granite": {"logits_scaling": 4.0},
+}
+# Head widening of `make_transformed_head_model`: the *transformed* logits get make_model's spread (std ~2, up to
+# ~8), the one the trainer tolerances were set for (peakier logits lose more fp32 precision in the loss's gradient,
+# transform or not). So the raw logits are 4x wider where a scale of 1/4 shrinks them, as real heads shrink large
+# raw logits (CohereConfig's default logit_scale is 0.0625); under the cap of 3 they reach ~7, where tanh saturates.
+HEAD_GAINS = {"gemma2": 20.0, "cohere": 80.0, "granite": 80.0}
+
+
+def make_transformed_head_model(model_type: str, vocab_size: int, *, seed: int = 0, **overrides):
+    """A 2-layer ``model_type`` causal LM with hidden size 32, untied, ``LOGIT_TRANSFORMS[model_type]`` set (if
+    any), random weights, the head widened by ``HEAD_GAINS[model_type]`` (default 20, as :func:`make_model`),
+    fp32, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    options = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": False,
+        **LOGIT_TRANSFORMS.get(model_type, {}),
+        **overrides,
+    }
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(HEAD_GAINS.get(model_type, 20.0))
     return model.eval()
 
 

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from adapters_tiny import make_model, make_tokenizer
+from adapters_tiny import LOGIT_TRANSFORMS, make_model, make_tokenizer, make_transformed_head_model
 
 from sdpo_ops.adapters import EMATeacher, build_sdpo_batch, build_teacher_batch, sdpo_step
 from sdpo_ops.adapters.step import positions_from_mask
@@ -60,9 +60,13 @@ def _grads(model):
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def _setup(seed=0, **model_kwargs):
+def _setup(seed=0, model_type=None, **model_kwargs):
+    """Tokenizer, student (a tiny Qwen2, or a tiny ``model_type`` with its logit transform), perturbed EMA teacher."""
     tokenizer = make_tokenizer()
-    student = make_model(len(tokenizer), seed=seed, **model_kwargs)
+    if model_type is None:
+        student = make_model(len(tokenizer), seed=seed, **model_kwargs)
+    else:
+        student = make_transformed_head_model(model_type, len(tokenizer), seed=seed, **model_kwargs)
     teacher = EMATeacher(student, update_rate=0.5)
     # Make the teacher differ from the student, as after a few EMA updates.
     generator = torch.Generator().manual_seed(123)
@@ -240,14 +244,46 @@ def test_no_teacher_signal_gives_zero_loss_and_zero_gradients():
     assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in student.parameters())
 
 
-@pytest.mark.parametrize(
-    ("attribute", "value"), [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625), ("logits_scaling", 4.0)]
-)
-def test_refuses_logit_transforms(attribute, value):
-    tokenizer, student, teacher = _setup()
-    setattr(student.config, attribute, value)
-    with pytest.raises(ValueError, match=attribute):
+@pytest.mark.parametrize("options", [{"topk": 5}, {"topk": None, "alpha": 0.3, "temperature": 0.7}], ids=str)
+@pytest.mark.parametrize("model_type", list(LOGIT_TRANSFORMS))
+def test_heads_with_logit_transforms_match_reference_on_their_own_logits(model_type, options):
+    """Gemma 2 softcapping, Cohere's logit_scale, Granite's logits_scaling: read from the config, applied in the
+    fused loss; the oracle is the reference on the models' own (transformed) logits."""
+    tokenizer, student, teacher = _setup(model_type=model_type)
+    result, _ = _compare(student, teacher, teacher.model, _batch(tokenizer), **options)
+    assert result.loss.item() > 0
+
+
+def test_bad_logit_transform_in_config_is_refused():
+    tokenizer, student, teacher = _setup(model_type="granite")
+    student.config.logits_scaling = 0.0
+    with pytest.raises(ValueError, match="config.logits_scaling=0.0"):
         sdpo_step(student, None, _batch(tokenizer))
+
+
+def test_refuses_an_undeclared_logit_transform():
+    """The forward halves the softcapped logits, the config declares only the cap: refused at the first step."""
+    tokenizer, student, teacher = _setup(model_type="gemma2")
+    linear_forward = student.lm_head.forward
+    student.lm_head.forward = lambda hidden: 0.5 * linear_forward(hidden)
+    with pytest.raises(ValueError, match=r"config\.final_logit_softcapping=3\.0.*does not declare"):
+        sdpo_step(student, teacher, _batch(tokenizer), topk=5)
+
+
+def test_head_check_ignores_dropout_and_leaves_the_random_stream():
+    """In training mode with live dropout, the first step's check passes and draws no random numbers: the first
+    step (checked) and the second (not) give the same loss from the same seed."""
+    tokenizer = make_tokenizer()
+    student = make_model(len(tokenizer), attention_dropout=0.5).train()
+    batch = _batch(tokenizer)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        losses.append(sdpo_step(student, None, batch, topk=5).loss)
+    torch.manual_seed(8)
+    other_draw = sdpo_step(student, None, batch, topk=5).loss
+    assert other_draw != losses[0], "dropout is not live: the test would not see a consumed random draw"
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
 
 
 def test_refuses_an_adapter_on_the_lm_head():
@@ -263,6 +299,8 @@ def test_reserved_options():
     tokenizer, student, teacher = _setup()
     with pytest.raises(TypeError, match="mask"):
         sdpo_step(student, teacher, _batch(tokenizer), mask=None)
+    with pytest.raises(TypeError, match="logit_scale.*configs"):
+        sdpo_step(student, teacher, _batch(tokenizer), logit_scale=2.0)
 
 
 @pytest.mark.interpret

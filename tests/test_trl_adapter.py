@@ -3,7 +3,8 @@
 Same tiny Qwen2, same seed, same config: both trainers must log the same losses and end with the same
 weights after several optimizer steps (fp32; TRL's full-logits path is the oracle). Also: feedback
 returned by reward functions reaches the teacher prompt exactly as TRL's dataset column does, and models
-whose logits are not ``hidden @ lm_head.weight^T`` are refused.
+whose logits are not ``hidden @ lm_head.weight^T`` without declaring it are refused (heads that declare a
+transform: test_trl_logit_transforms.py).
 """
 
 from __future__ import annotations
@@ -367,48 +368,6 @@ def test_reward_feedback_reaches_its_own_teacher_prompt(model_dirs, tokenizer, t
         else:
             assert marker in prompt and text in prompt
             assert mask == 1  # feedback alone gives a teacher signal
-
-
-def _tiny_model_with_logit_transform(kind: str, vocab_size: int):
-    if kind == "gemma2_softcapping":
-        from transformers import Gemma2Config, Gemma2ForCausalLM
-
-        config = Gemma2Config(
-            vocab_size=vocab_size,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=16,
-            final_logit_softcapping=30.0,
-        )
-        return Gemma2ForCausalLM(config)
-    from transformers import CohereConfig, CohereForCausalLM
-
-    config = CohereConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        logit_scale=0.0625,
-    )
-    return CohereForCausalLM(config)
-
-
-@pytest.mark.parametrize(
-    ("kind", "attribute"),
-    [("gemma2_softcapping", "final_logit_softcapping"), ("cohere_logit_scale", "logit_scale")],
-)
-def test_refuses_models_with_logit_transforms(kind, attribute, tokenizer, tmp_path):
-    model = _tiny_model_with_logit_transform(kind, len(tokenizer))
-    args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live")
-    with pytest.raises(ValueError, match=attribute):
-        SDPOTrainer(
-            model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(), processing_class=tokenizer
-        )
 
 
 def test_refuses_undeclared_logit_transform(tokenizer, tmp_path):

@@ -1,58 +1,169 @@
-"""Which models the fused loss can train: those whose logits are ``last_hidden_state @ lm_head.weight^T (+ bias)``.
+"""What a model's head does to ``last_hidden_state @ lm_head.weight^T (+ bias)``, read from its config.
 
-One check for both adapters (``sdpo_step`` and the TRL trainer): a model whose config declares a post-lm_head
-transform is refused with a ``ValueError`` naming the config attribute, before anything runs.
+One reading for both adapters (``sdpo_step`` and the TRL trainer), the same as TRL's ``add_fused_lm_head``
+(``trl/trainer/utils.py``), so the fused loss sees the logits the model's own forward returns:
+
+- a scale, the first of these set: ``logit_scale`` (Cohere, Cohere 2), ``output_multiplier`` (Muse Glimmer),
+  ``lm_head_multiplier`` (Falcon-H1), all multipliers; ``logits_scaling``, a divisor (Granite:
+  ``logits / config.logits_scaling``; MiniCPM3 divides the hidden state, the same for a bias-free head), except
+  HyperCLOVA X (``model_type="hyperclovax"``), which multiplies by it;
+- ``final_logit_softcapping`` (Gemma 2 and later): ``cap * tanh(logits / cap)``, after the scale.
+
+They become :func:`sdpo_ops.sdpo_loss`'s ``logit_scale`` and ``logit_softcap``. A bad value is refused with a
+``ValueError`` naming the config attribute. A transform the config does not declare is not in the config: each
+adapter checks once that backbone + head + declared transform reproduce the model's own logits
+(:func:`head_check_mode`, :func:`refuse_unreproduced_logits`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["LOGIT_TRANSFORM_ATTRIBUTES", "logit_transforms", "refuse_logit_transforms"]
+from sdpo_ops.reference import transform_logits
 
-# Config attributes by which transformers models post-process the lm_head output (TRL's list in
-# `add_fused_lm_head`, plus Gemma's softcapping). Any of them set breaks `logits = hidden @ W^T + b`.
-LOGIT_TRANSFORM_ATTRIBUTES = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
+__all__ = [
+    "HEAD_CHECK_SEED",
+    "LogitTransform",
+    "head_check_mode",
+    "logit_transform",
+    "refuse_unreproduced_logits",
+    "shared_logit_transform",
+]
 
-
-def logit_transforms(config: Any) -> dict[str, Any]:
-    """The logit post-processing a model config (or its text config) declares; ``{}`` for a plain linear head."""
-    configs = [config]
-    get_text_config = getattr(config, "get_text_config", None)
-    if callable(get_text_config):
-        configs.append(get_text_config())
-    found = {}
-    for cfg in configs:
-        for name in LOGIT_TRANSFORM_ATTRIBUTES:
-            value = getattr(cfg, name, None)
-            # A scale of exactly 1 is the identity; softcapping has no neutral value.
-            if value is not None and not (name != "final_logit_softcapping" and float(value) == 1.0):
-                found[name] = value
-    return found
+# TRL's precedence: the first attribute that is not None is the scale.
+_MULTIPLIER_ATTRIBUTES = ("logit_scale", "output_multiplier", "lm_head_multiplier")
+_DIVISOR_ATTRIBUTE = "logits_scaling"
+_SOFTCAP_ATTRIBUTE = "final_logit_softcapping"
+# Model types whose `logits_scaling` multiplies (modeling_hyperclovax.py: "cf. GraniteForCausalLM which divides").
+_MULTIPLYING_LOGITS_SCALING = ("hyperclovax",)
 
 
-def refuse_logit_transforms(model: nn.Module, *, role: str, alternative: str) -> None:
-    """Raise ``ValueError`` if ``model``'s config declares a logit transform the fused loss would not apply.
+@dataclass(frozen=True)
+class LogitTransform:
+    """A head's post-processing as :func:`sdpo_ops.sdpo_loss` applies it: ``y = raw * logit_scale``, then
+    ``y = logit_softcap * tanh(y / logit_softcap)`` when set.
+
+    Attributes:
+        logit_scale: the multiplier (``1.0`` for none).
+        logit_softcap: the cap, or None.
+        declared_by: the config settings it was read from (``"config.logits_scaling=4.0"``), for messages.
+    """
+
+    logit_scale: float = 1.0
+    logit_softcap: float | None = None
+    declared_by: tuple[str, ...] = ()
+
+    def loss_options(self) -> dict[str, float | None]:
+        """The keyword arguments of :func:`sdpo_ops.sdpo_loss` that apply this transform."""
+        return {"logit_scale": self.logit_scale, "logit_softcap": self.logit_softcap}
+
+    def apply(self, raw_logits: Tensor) -> Tensor:
+        """``raw_logits [..., V]`` (``hidden @ W^T + b``) transformed, fp32 at least: what the model returns."""
+        return transform_logits(raw_logits, logit_scale=self.logit_scale, logit_softcap=self.logit_softcap)
+
+    def describe(self) -> str:
+        return ", ".join(self.declared_by) if self.declared_by else "no logit transform"
+
+
+def _positive_finite(value: Any, attribute: str, model_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{model_name} sets config.{attribute}={value!r}: sdpo_ops needs a finite number > 0 there to reproduce "
+            "its logits"
+        )
+    return float(value)
+
+
+def logit_transform(model: nn.Module) -> LogitTransform:
+    """The logit transform ``model``'s config (its text config, for multimodal models) declares.
 
     Args:
-        model: the ``transformers`` causal LM (below any PEFT wrapper); a model without ``config`` passes.
-        role: how the message names the model (``"student"``, ``"teacher"``).
-        alternative: what to use instead, appended to the message.
+        model: the ``transformers`` causal LM (a PEFT wrapper forwards ``config``); no ``config``: no transform.
+
+    Raises:
+        ValueError: a declared scale or cap that is not a finite number > 0, naming the config attribute.
     """
     config = getattr(model, "config", None)
-    transforms = {} if config is None else logit_transforms(config)
-    if transforms:
-        settings = ", ".join(f"config.{name}={value!r}" for name, value in transforms.items())
+    if config is None:
+        return LogitTransform()
+    get_text_config = getattr(config, "get_text_config", None)
+    if callable(get_text_config):
+        config = get_text_config()
+    model_name = type(model).__name__
+    logit_scale, declared_by = 1.0, []
+    for attribute in (*_MULTIPLIER_ATTRIBUTES, _DIVISOR_ATTRIBUTE):
+        value = getattr(config, attribute, None)
+        if value is None:
+            continue
+        value = _positive_finite(value, attribute, model_name)
+        multiplies = getattr(config, "model_type", None) in _MULTIPLYING_LOGITS_SCALING
+        divides = attribute == _DIVISOR_ATTRIBUTE and not multiplies
+        logit_scale = 1.0 / value if divides else value
+        declared_by.append(f"config.{attribute}={value!r}")
+        break
+    logit_softcap = getattr(config, _SOFTCAP_ATTRIBUTE, None)
+    if logit_softcap is not None:
+        logit_softcap = _positive_finite(logit_softcap, _SOFTCAP_ATTRIBUTE, model_name)
+        declared_by.append(f"config.{_SOFTCAP_ATTRIBUTE}={logit_softcap!r}")
+    return LogitTransform(logit_scale, logit_softcap, tuple(declared_by))
+
+
+def shared_logit_transform(student: nn.Module, teacher: nn.Module) -> LogitTransform:
+    """The transform of both models; ``ValueError`` if they differ (the fused loss applies one to both sides)."""
+    student_transform, teacher_transform = logit_transform(student), logit_transform(teacher)
+    if student_transform.loss_options() != teacher_transform.loss_options():
         raise ValueError(
-            f"the {role} model ({type(model).__name__}) sets {settings}: its logits are post-processed after the "
-            "lm_head, which sdpo_ops' fused loss (logits = hidden @ lm_head.weight^T + bias) does not apply, so it "
-            f"would train another objective. {alternative}"
+            f"the student ({student_transform.describe()}) and the teacher ({teacher_transform.describe()}) "
+            "post-process their logits differently; sdpo_ops' fused loss applies one logit transform to both"
+        )
+    return student_transform
+
+
+# Tolerance of the one-off check that backbone + lm_head + declared transform reproduce the model's own logits.
+# Both sides run the same matmul on the same hidden state, so any real undeclared transform (a scale, a cap)
+# exceeds it by far.
+_HEAD_CHECK_RTOL = 1e-3
+# Both forwards of the check start from this seed, so a random draw other than dropout repeats too.
+HEAD_CHECK_SEED = 0
+
+
+@contextlib.contextmanager
+def head_check_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and forked random streams for the head check's two forwards, both restored on exit.
+
+    Eval mode turns dropout off (modules and ``nn.functional.dropout(training=self.training)`` alike, which TRL's
+    ``disable_dropout`` does not reach); forking leaves the training's random streams untouched.
+    """
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.random.fork_rng(devices=cuda_devices):
+            yield
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
+def refuse_unreproduced_logits(
+    model: nn.Module, expected: Tensor, actual: Tensor, transform: LogitTransform, *, alternative: str
+) -> None:
+    """Raise ``ValueError`` unless ``actual`` (the declared transform of ``hidden @ W^T + b``) matches ``expected``
+    (the model's own logits), both ``[..., V]``, to within the check's tolerance."""
+    expected = expected.float()
+    scale = expected.abs().max().clamp(min=1.0)
+    error = (actual.to(expected.device) - expected).abs().max()
+    if not error <= _HEAD_CHECK_RTOL * scale:
+        raise ValueError(
+            f"{type(model).__name__}'s logits are not `last_hidden_state @ lm_head.weight^T + bias` with its declared "
+            f"transform ({transform.describe()}; max difference {float(error):.3g} for logits up to "
+            f"{float(scale):.3g}): the model transforms its logits in a way its config does not declare, which the "
+            f"fused loss cannot reproduce. {alternative}"
         )

@@ -5,14 +5,16 @@ sliced out, and :func:`sdpo_ops.sdpo_loss` fuses the lm_head into the loss, so n
 exist. The teacher runs first, under ``torch.no_grad()``, so its activations are freed before the
 student's graph is built.
 
-This assumes ``logits = lm_head(last_hidden_state)``, true of the common causal LMs (Llama, Qwen, Mistral,
-SmolLM, Phi, ...). Models that transform the logits afterwards (Gemma's final soft-capping, Cohere's
-``logit_scale``, Granite's ``logits_scaling``) are refused with an error rather than trained on a
-different objective.
+Heads that post-process ``lm_head(last_hidden_state)`` as their config declares (Gemma 2's final
+soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``, ...: :mod:`sdpo_ops.adapters.heads`)
+get that transform applied inside the fused loss. A transform the config does not declare is refused at the
+first call for each student, by comparing its own logits for one sequence with backbone + lm_head + declared
+transform (in eval mode, random streams forked: the training's draws are unchanged).
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from sdpo_ops.adapters.batch import SDPOBatch
-from sdpo_ops.adapters.heads import refuse_logit_transforms
+from sdpo_ops.adapters.heads import (
+    HEAD_CHECK_SEED,
+    LogitTransform,
+    head_check_mode,
+    refuse_unreproduced_logits,
+    shared_logit_transform,
+)
 from sdpo_ops.adapters.teacher import EMATeacher
 from sdpo_ops.loss import SDPOOutput, sdpo_loss
 
@@ -48,13 +56,8 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | Non
     """``(backbone, lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM (or a PEFT wrapper).
 
     The backbone is the module that returns the final (normed) hidden states: ``model.get_decoder()``, else
-    ``model.model``. Raises for models whose logits are not ``lm_head(hidden)``.
+    ``model.model``. Raises for an output embedding that is not a plain ``nn.Linear``.
     """
-    refuse_logit_transforms(
-        model,
-        role="student or teacher",
-        alternative="Use sdpo_ops.sdpo_loss_from_logits on the model's logits instead.",
-    )
     backbone = None
     get_decoder = getattr(model, "get_decoder", None)
     if callable(get_decoder):
@@ -119,8 +122,9 @@ def sdpo_step(
 
     Computes exactly: ``sdpo_ops.reference.sdpo_loss_reference_from_logits(student_logits, teacher_logits,
     mask=completion_mask * self_distillation_mask, target_ids=completion_ids, old_logprobs=old_logprobs, ...)``
-    where ``*_logits`` are the models' logits (``model(input_ids, attention_mask, position_ids).logits``) at
-    the positions that predict the completion tokens, without ever forming them.
+    where ``*_logits`` are the models' logits (``model(input_ids, attention_mask, position_ids).logits``, the
+    config's logit scale and softcap included) at the positions that predict the completion tokens, without
+    ever forming them.
 
     Args:
         student: the causal LM being trained (plain ``transformers`` model or PEFT wrapper).
@@ -134,6 +138,7 @@ def sdpo_step(
             left padding does not shift positions; False lets the model use ``arange(L)``.
         **loss_options: the other keyword arguments of :func:`sdpo_ops.sdpo_loss` (``topk``, ``add_tail``,
             ``alpha``, ``is_clip``, ``temperature``, ``normalizer``, ``token_weights``, ``backend``, ...).
+            ``logit_scale`` and ``logit_softcap`` come from the models' configs.
 
     Returns:
         An :class:`SDPOStepOutput`; call ``result.loss.backward()``.
@@ -141,9 +146,18 @@ def sdpo_step(
     for reserved in ("mask", "target_ids", "old_logprobs", "return_outputs"):
         if reserved in loss_options:
             raise TypeError(f"sdpo_step sets {reserved!r} from the batch; do not pass it")
+    for reserved in ("logit_scale", "logit_softcap"):
+        if reserved in loss_options:
+            raise TypeError(
+                f"sdpo_step reads {reserved!r} from the models' configs (sdpo_ops.adapters.heads); do not pass it"
+            )
     num_completion = batch.completion_ids.shape[1]
 
     teacher_model = student if teacher is None else teacher
+    # The teacher is the EMA copy, or the student itself in shadow mode: its config is the one to read.
+    transform = shared_logit_transform(
+        student, teacher_model.model if isinstance(teacher_model, EMATeacher) else teacher_model
+    )
     with torch.no_grad():
         if isinstance(teacher_model, EMATeacher):
             with teacher_model.forward_context() as model:
@@ -156,6 +170,7 @@ def sdpo_step(
             )
 
     backbone, student_weight, student_bias = backbone_and_head(student)
+    _verify_head_once(student, backbone, student_weight, student_bias, transform, batch, position_ids_from_mask)
     student_hidden = completion_hidden_states(
         backbone, batch.input_ids, batch.attention_mask, num_completion, position_ids_from_mask=position_ids_from_mask
     )
@@ -175,12 +190,48 @@ def sdpo_step(
         reduction=reduction,
         return_outputs=True,
         **loss_options,
+        **transform.loss_options(),
     )
     metrics = {"loss": output.loss.detach(), **output.metrics}
     if batch.self_distillation_mask is not None:
         metrics["self_distillation_fraction"] = batch.self_distillation_mask.float().mean()
     metrics["num_loss_tokens"] = loss_mask.sum()
     return SDPOStepOutput(loss=output.loss, output=output, loss_mask=loss_mask, metrics=metrics)
+
+
+# Students whose own logits were found equal to backbone + lm_head + declared transform (checked once each).
+_VERIFIED_STUDENTS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _verify_head_once(
+    model: nn.Module,
+    backbone: nn.Module,
+    weight: Tensor,
+    bias: Tensor | None,
+    transform: LogitTransform,
+    batch: SDPOBatch,
+    position_ids_from_mask: bool,
+) -> None:
+    """Refuse, at its first step, a student whose logits are not what the fused loss computes (an undeclared
+    transform): both forwards on the batch's first sequence, at the position predicting its last token."""
+    if model in _VERIFIED_STUDENTS:
+        return
+    input_ids, attention_mask = batch.input_ids[:1], batch.attention_mask[:1]
+    model_inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+    if position_ids_from_mask:
+        model_inputs["position_ids"] = positions_from_mask(attention_mask)
+    with torch.no_grad(), head_check_mode(model):
+        torch.manual_seed(HEAD_CHECK_SEED)
+        hidden = completion_hidden_states(
+            backbone, input_ids, attention_mask, 1, position_ids_from_mask=position_ids_from_mask
+        )[0, -1]
+        torch.manual_seed(HEAD_CHECK_SEED)
+        expected = model(**model_inputs).logits[0, -2]
+        actual = transform.apply(nn.functional.linear(hidden, weight, bias))
+    refuse_unreproduced_logits(
+        model, expected, actual, transform, alternative="Use sdpo_ops.sdpo_loss_from_logits on its logits instead."
+    )
+    _VERIFIED_STUDENTS.add(model)
 
 
 def _teacher_side(

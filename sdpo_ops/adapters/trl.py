@@ -56,10 +56,12 @@ Where it differs from TRL's trainer (README, "In TRL"):
   them to bf16 (on CUDA the kernels keep fp32 logits from bf16 operands);
 - configs TRL accepts but fails on after a rollout (or silently misreads) are rejected in ``__init__``.
 
-Models whose logits are not ``hidden @ lm_head.weight^T (+ bias)`` (logit scaling, final logit
-softcapping, PEFT adapters on the lm_head, prompt-learning PEFT) are refused with an error: the fused loss
-would silently optimise another objective. An undeclared transform is caught at the first step by comparing
-the model's own logits with the fused head's, in eval mode from one seed (dropout cannot make them differ).
+Heads that scale or softcap their logits (Gemma 2, Cohere, Granite, ...) are trained exactly: the transform is
+read from the model config as TRL's ``add_fused_lm_head`` reads it (:mod:`sdpo_ops.adapters.heads`) and applied
+inside the fused loss. PEFT adapters on the lm_head and prompt-learning PEFT are refused with an error: the fused
+loss would silently optimise another objective. So is a transform the config does not declare, caught at the first
+step by comparing the model's own logits with the fused head's (backbone, lm_head, declared transform), in eval
+mode from one seed (dropout cannot make them differ).
 """
 
 from __future__ import annotations
@@ -100,14 +102,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from sdpo_ops import sdpo_loss, sdpo_loss_from_teacher_topk
 from sdpo_ops.adapters import trl_teacher
 from sdpo_ops.adapters.feedback import split_scores_and_feedback
-from sdpo_ops.adapters.heads import refuse_logit_transforms
+from sdpo_ops.adapters.heads import (
+    HEAD_CHECK_SEED,
+    LogitTransform,
+    head_check_mode,
+    refuse_unreproduced_logits,
+    shared_logit_transform,
+)
 
 __all__ = ["SDPOConfig", "SDPOTrainer"]
-
-# Tolerance of the one-off check that the backbone + lm_head reproduces the model's own logits. Both sides
-# run the same matmul on the same hidden state, so any real transform (a scale, a cap) exceeds it by far.
-_HEAD_CHECK_RTOL = 1e-3
-_HEAD_CHECK_SEED = 0
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
@@ -145,24 +148,20 @@ def _lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 def _check_model_is_supported(model: nn.Module, role: str) -> None:
     """Refuse models whose logits the fused loss would compute wrongly."""
-    refuse_logit_transforms(
-        _transformers_model(model),
-        role=role,
-        alternative="Use trl.experimental.sdpo.SDPOTrainer (full logits) for this model.",
-    )
     if is_peft_model(model):
         from peft import PromptLearningConfig
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if isinstance(model.get_output_embeddings(), BaseTunerLayer):
             raise ValueError(
-                "a PEFT adapter on the lm_head is not supported: the fused loss reads lm_head.weight directly, so the "
-                "adapter would be ignored and never trained. Remove 'lm_head' from target_modules."
+                f"a PEFT adapter on the {role}'s lm_head is not supported: the fused loss reads lm_head.weight "
+                "directly, so the adapter would be ignored and never trained. Remove 'lm_head' from target_modules."
             )
         if any(isinstance(config, PromptLearningConfig) for config in model.peft_config.values()):
             raise ValueError(
-                "prompt-learning PEFT methods (prompt/prefix/P-tuning) are not supported: the fused loss runs the "
-                "backbone directly, so the virtual tokens would never be prepended. Use a weight adapter such as LoRA."
+                f"prompt-learning PEFT methods (prompt/prefix/P-tuning, on the {role}) are not supported: the fused "
+                "loss runs the backbone directly, so the virtual tokens would never be prepended. Use a weight "
+                "adapter such as LoRA."
             )
 
 
@@ -285,6 +284,11 @@ def _validate_topk(topk: Any, vocab_size: int | None) -> None:
         raise ValueError(f"distillation_topk must be in [1, {upper}], got {topk}")
 
 
+def _declared_logit_transform(student: nn.Module, teacher: nn.Module) -> LogitTransform:
+    """The scale/softcap both models' configs declare after the lm_head, applied inside every fused call."""
+    return shared_logit_transform(_transformers_model(student), _transformers_model(teacher))
+
+
 def _vocab_size(model: nn.Module) -> int:
     """V: the rows of the lm_head (its full shape under ZeRO-3 partitioning)."""
     weight, _ = _lm_head(model)
@@ -316,8 +320,11 @@ class SDPOTrainer(_TRLSDPOTrainer):
         super().__init__(*args, **kwargs)
         student = self.accelerator.unwrap_model(self.model)
         _check_model_is_supported(student, "student")
+        teacher = student
         if self.teacher_model is not self.model:
-            _check_model_is_supported(self.accelerator.unwrap_model(self.teacher_model), "teacher")
+            teacher = self.accelerator.unwrap_model(self.teacher_model)
+            _check_model_is_supported(teacher, "teacher")
+        self._logit_transform = _declared_logit_transform(student, teacher)
         if self.args.distillation_mode == "topk_logits":
             _validate_topk(self.args.distillation_topk, _vocab_size(student))
         # DDP/FSDP/DeepSpeed hooks fire only through the wrapper's forward: the fused loss runs inside it.
@@ -471,43 +478,33 @@ class SDPOTrainer(_TRLSDPOTrainer):
             expected, actual = self._forward_redirection(
                 self.model, model, self._head_check_logits, model, input_ids[:1], attention_mask[:1]
             )
-        scale = expected.abs().max().clamp(min=1.0)
-        error = (actual - expected).abs().max()
-        if not error <= _HEAD_CHECK_RTOL * scale:
-            raise ValueError(
-                f"{type(_transformers_model(model)).__name__}'s logits are not `last_hidden_state @ lm_head.weight^T + "
-                f"bias` (max difference {float(error):.3g} for logits up to {float(scale):.3g}): the model transforms "
-                "its logits in a way sdpo_ops.adapters.trl cannot reproduce. Use trl.experimental.sdpo.SDPOTrainer."
-            )
+        refuse_unreproduced_logits(
+            _transformers_model(model),
+            expected,
+            actual,
+            self._logit_transform,
+            alternative="Use trl.experimental.sdpo.SDPOTrainer.",
+        )
 
     def _head_check_logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """``(model's own last logits [V], hidden @ W^T + b [V])`` for one sequence, both fp32.
+        """``(model's own last logits [V], the declared transform of hidden @ W^T + b [V])`` for one sequence, fp32.
 
-        Two forwards (the model's, and its backbone's as the fused loss runs it) that must not differ by chance:
-        eval mode turns dropout off (modules and ``nn.functional.dropout(training=self.training)`` alike, which
-        TRL's ``disable_dropout`` does not reach), and each forward starts from the same seed, so any other random
-        draw repeats too. The training's random streams are forked, so the check leaves them untouched.
+        Two forwards (the model's, and its backbone's as the fused loss runs it) that must not differ by chance: in
+        eval mode, each from the same seed, the training's random streams forked (:func:`head_check_mode`).
         """
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-        modes = [(module, module.training) for module in model.modules()]
-        try:
-            model.eval()
-            # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
-            with torch.random.fork_rng(devices=cuda_devices), self.accelerator.autocast():
-                torch.manual_seed(_HEAD_CHECK_SEED)
-                hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
-                if "logits_to_keep" in self.model_kwarg_keys:
-                    model_inputs["logits_to_keep"] = 1
-                torch.manual_seed(_HEAD_CHECK_SEED)
-                expected = model(**model_inputs).logits[0, -1].float()
-                weight, bias = _lm_head(model)
-                with _full_head_tensors(weight, bias) as (weight, bias):
-                    hidden = hidden.to(weight.device, weight.dtype)
-                    actual = nn.functional.linear(hidden, weight, bias).float()
-        finally:
-            for module, was_training in modes:
-                module.training = was_training
+        # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
+        with head_check_mode(model), self.accelerator.autocast():
+            torch.manual_seed(HEAD_CHECK_SEED)
+            hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
+            if "logits_to_keep" in self.model_kwarg_keys:
+                model_inputs["logits_to_keep"] = 1
+            torch.manual_seed(HEAD_CHECK_SEED)
+            expected = model(**model_inputs).logits[0, -1].float()
+            weight, bias = _lm_head(model)
+            with _full_head_tensors(weight, bias) as (weight, bias):
+                hidden = hidden.to(weight.device, weight.dtype)
+                actual = self._logit_transform.apply(nn.functional.linear(hidden, weight, bias))
         return expected, actual.to(expected.device)
 
     # --------------------------------------------------------------------------------- fused call
@@ -597,6 +594,7 @@ class SDPOTrainer(_TRLSDPOTrainer):
                 reduction="seq-mean-token-mean" if reduce else "none",
                 return_outputs=True,
                 **options,
+                **self._logit_transform.loss_options(),
             )
         result = {
             "reduced_loss": output.loss if reduce else None,

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _on_load
-from sdpo_ops.kernels.launch import launch
+from sdpo_ops.kernels.launch import launch, runs_on_gpu
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 8)
@@ -163,7 +163,7 @@ def full_vocab_divergence(
     if any(x.device != student_logits.device for x in tensors):
         raise ValueError(f"all inputs must be on one device, got {[str(x.device) for x in tensors]}")
 
-    default_block_v, num_warps = _CUDA_CONFIG if student_logits.is_cuda else _INTERPRET_CONFIG
+    default_block_v, num_warps = _CUDA_CONFIG if runs_on_gpu(student_logits) else _INTERPRET_CONFIG
     block_v = block_v or default_block_v
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")

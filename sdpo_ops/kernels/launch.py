@@ -55,6 +55,12 @@ def record_launches() -> Iterator[list[LaunchRecord]]:
         yield records
 
 
+def runs_on_gpu(tensor: torch.Tensor) -> bool:
+    """Whether a launch on ``tensor`` takes the GPU tile configuration: CUDA, and ``meta`` (which stands for a GPU
+    in dry runs: the cost model, the launch and memory budgets, the sm_90 compile report)."""
+    return tensor.device.type in ("cuda", "meta")
+
+
 def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     """Make ``device`` the current CUDA device for the duration (a no-op for other device types)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

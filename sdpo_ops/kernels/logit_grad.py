@@ -31,7 +31,7 @@ from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _on_load
 from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, gjsd_launch_args
-from sdpo_ops.kernels.launch import launch
+from sdpo_ops.kernels.launch import launch, runs_on_gpu
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 8)
@@ -240,7 +240,7 @@ def logit_grad(
         if x.stride(1) != 1:
             raise ValueError(f"{name} must have unit stride along the vocabulary, got strides {x.stride()}")
 
-    default_block_v, num_warps = _CUDA_CONFIG if student_logits.is_cuda else _INTERPRET_CONFIG
+    default_block_v, num_warps = _CUDA_CONFIG if runs_on_gpu(student_logits) else _INTERPRET_CONFIG
     block_v = block_v or default_block_v
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _expm1
 from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, gjsd_launch_args
-from sdpo_ops.kernels.launch import launch
+from sdpo_ops.kernels.launch import launch, runs_on_gpu
 from sdpo_ops.reference import IS_LOG_RATIO_LIMIT, TAIL_LOG_MASS_MAX
 from sdpo_ops.row_outputs import RowOutputs
 
@@ -189,7 +189,7 @@ def row_loss_(
             teacher_target_logit.contiguous(),
         )
     placeholder = rows.loss  # never read: its constexpr flag compiles the read away
-    num_warps = _NUM_WARPS["cuda" if rows.loss.is_cuda else "interpret"]
+    num_warps = _NUM_WARPS["cuda" if runs_on_gpu(rows.loss) else "interpret"]
     launch(
         _row_loss_kernel,
         (C,),

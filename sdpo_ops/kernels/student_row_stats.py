@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _on_load, _store_target_logit
-from sdpo_ops.kernels.launch import launch
+from sdpo_ops.kernels.launch import launch, runs_on_gpu
 
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
 _PACKED_MIN = tl.constexpr(-(2**63))
@@ -237,7 +237,7 @@ def student_row_stats(
             raise ValueError(f"target_ids is on {target_ids.device}, logits on {logits.device}")
 
     k_pad = max(triton.next_power_of_2(topk), 2)
-    default_block_v, tile_blocks, num_warps = _CUDA_CONFIG if logits.is_cuda else _INTERPRET_CONFIG
+    default_block_v, tile_blocks, num_warps = _CUDA_CONFIG if runs_on_gpu(logits) else _INTERPRET_CONFIG
     block_v = block_v or default_block_v
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")

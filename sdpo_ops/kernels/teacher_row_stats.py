@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _on_load, _store_target_logit
-from sdpo_ops.kernels.launch import launch
+from sdpo_ops.kernels.launch import launch, runs_on_gpu
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (4096, 8)
@@ -112,7 +112,7 @@ def teacher_row_stats(
         raise ValueError(f"index is on {index.device}, logits on {logits.device}")
     J = index.shape[1]
 
-    default_block_v, num_warps = _CUDA_CONFIG if logits.is_cuda else _INTERPRET_CONFIG
+    default_block_v, num_warps = _CUDA_CONFIG if runs_on_gpu(logits) else _INTERPRET_CONFIG
     block_v = block_v or default_block_v
     if block_v & (block_v - 1):
         raise ValueError(f"block_v must be a power of two, got {block_v}")
