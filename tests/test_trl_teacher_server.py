@@ -21,7 +21,14 @@ pytest.importorskip("trl")
 
 import trl.generation.vllm_client as vllm_client_module  # noqa: E402
 import trl.generation.vllm_generation as vllm_generation_module  # noqa: E402
-from adapters_tiny import chat_dataset, make_model, make_tokenizer, save_model, tiny_sdpo_config  # noqa: E402
+from adapters_tiny import (  # noqa: E402
+    chat_dataset,
+    make_model,
+    make_tokenizer,
+    make_transformed_head_model,
+    save_model,
+    tiny_sdpo_config,
+)
 from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
 from trl.experimental.sdpo import SDPOTrainer as TRLSDPOTrainer  # noqa: E402
 
@@ -172,6 +179,16 @@ def _train(trainer_class, model_dir, tokenizer, args):
     ids=["topk-tail-jsd", "topk-renormalised-reverse-kl", "sampled-token", "importance-sampling"],
 )
 def test_teacher_server_path_equals_trl(options, stand_in, model_dir, tokenizer, tmp_path):
+    _assert_same_training_as_trl(stand_in, model_dir, tokenizer, tmp_path, options)
+
+
+def test_teacher_server_path_with_a_softcapped_head_equals_trl(stand_in, tokenizer, tmp_path):
+    """Gemma 2's ``final_logit_softcapping``: the transform reaches the fused loss on the server path too."""
+    model_dir = save_model(tmp_path / "gemma2", tokenizer, make_transformed_head_model("gemma2", len(tokenizer)))
+    _assert_same_training_as_trl(stand_in, model_dir, tokenizer, tmp_path, {"max_steps": 2})
+
+
+def _assert_same_training_as_trl(stand_in, model_dir, tokenizer, tmp_path, options):
     logs, weights, servers = {}, {}, {}
     for name, trainer_class in (("trl", TRLSDPOTrainer), ("ours", SDPOTrainer)):
         servers[name] = stand_in(model_dir)

@@ -749,6 +749,7 @@ class SDPOTrainer(_TRLSDPOTrainer):
                 # the divergence alone needs a gradient: reduced in the call, its gradient formed in forward
                 reduction="none" if sampled_token else "seq-mean-token-mean",
                 return_outputs=True,
+                **self._logit_transform.loss_options(),
             )
         result = {
             "reduced_loss": None if sampled_token else output.loss,
