@@ -11,11 +11,16 @@ budget is patched), so the chunk loop and the staging of dZ are exercised.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tolerances import ELEMENTWISE
+
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.sdpo.loss_utils import add_tail_bucket, apply_importance_sampling_clipping, compute_divergence
 
 from bench.trace import trace
@@ -223,6 +228,40 @@ def test_torch_backend_equals_trl_served_loss(family):
     options = dict(OPTION_FAMILIES[family])
     inputs = make_inputs(seed=list(OPTION_FAMILIES).index(family), bias="bias" in family)
     assert_matches(inputs, FP64, backend="torch", **options)
+
+
+@settings(max_examples=25)
+@given(
+    flat=st.booleans(),
+    topk=st.integers(1, 8),
+    add_tail=st.booleans(),
+    alpha=st.sampled_from([0.0, 0.3, 0.5, 1.0]),
+    use_is=st.booleans(),
+    reduction=st.sampled_from(["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "none"]),
+    token_weights=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_backend_equals_trl_on_drawn_configurations(flat, topk, add_tail, alpha, use_is, reduction,
+                                                          token_weights, seed):  # fmt: skip
+    if flat and reduction.startswith("seq-"):
+        reduction = "token-mean"  # [N] inputs have no sequences
+    inputs = make_inputs(batch=2, steps=3, topk=topk, seed=seed)
+    if flat:  # [N, *] inputs
+        for name in (
+            "hidden",
+            "teacher_logprobs",
+            "teacher_ids",
+            "mask",
+            "target_ids",
+            "old_logprobs",
+            "token_weights",
+        ):
+            value = getattr(inputs, name)
+            value = value.detach().flatten(0, 1)
+            setattr(inputs, name, value.requires_grad_() if name == "hidden" else value)
+    options = {"add_tail": add_tail, "alpha": alpha, "use_is": use_is, "reduction": reduction}
+    upstream = {"upstream_seed": seed} if reduction == "none" else {}
+    assert_matches(inputs, FP64, backend="torch", token_weights=token_weights, **options, **upstream)
 
 
 @pytest.mark.parametrize("family", ["tail, JSD, IS", "renormalised, reverse KL", "none, blended"])
