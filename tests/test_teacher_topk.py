@@ -438,13 +438,13 @@ N, H, V, K = 8192, 4096, 151936, 100
 GiB, MiB = 2**30, 2**20
 
 
-def _meta_call(weight_dtype=torch.bfloat16, **options):
+def _meta_call(weight_dtype=torch.bfloat16, num_tokens=N, **options):
     def empty(*shape, dtype=weight_dtype, grad=False):
         return torch.empty(*shape, dtype=dtype, device="meta", requires_grad=grad)
 
-    hidden, weight = empty(N, H, grad=True), empty(V, H, grad=True)
-    logprobs, ids = empty(N, K, dtype=torch.float32), empty(N, K, dtype=torch.int64)
-    target_ids, old_logprobs = empty(N, dtype=torch.int64), empty(N, dtype=torch.float32)
+    hidden, weight = empty(num_tokens, H, grad=True), empty(V, H, grad=True)
+    logprobs, ids = empty(num_tokens, K, dtype=torch.float32), empty(num_tokens, K, dtype=torch.int64)
+    target_ids, old_logprobs = empty(num_tokens, dtype=torch.int64), empty(num_tokens, dtype=torch.float32)
     return lambda: sdpo_loss_from_teacher_topk(
         hidden, weight, logprobs, ids, target_ids=target_ids, old_logprobs=old_logprobs, backend="triton", **options
     )
@@ -523,3 +523,12 @@ def test_bench_contenders_compute_the_same_loss_and_gradients():
     (_, *ours), (_, *theirs) = results
     for mine, trl in zip(ours, theirs, strict=True):
         torch.testing.assert_close(mine, trl, **FP32)
+
+
+def test_meta_trace_extra_memory_is_flat_in_n():
+    """4x the tokens: the peak grows by per-token rows (dH, the row outputs, the sanitised teacher inputs), never
+    by anything of the vocabulary's size."""
+    peaks = {n: trace(_meta_call(num_tokens=n)).peak_extra_bytes["forward"] for n in (N, 4 * N)}
+    per_token = H * 2 + K * (8 + 4 + 4 + 8) + 16 * 4  # dH bf16; ids, log-probs, sparse grad, sort scratch; rows
+    assert peaks[4 * N] - peaks[N] <= 3 * N * per_token, peaks
+    assert 50 * per_token < V * 4  # the bound is tight enough: one fp32 [N, V] would exceed it fifty-fold
