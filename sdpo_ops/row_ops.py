@@ -208,17 +208,24 @@ def logit_grad(
         sparse = torch.cat([sparse, target_scale[:, None]], 1)
         live = live | (target_scale != 0)
     student_logits = _on_load(student_logits, pre_scale, softcap_bound)
-    log_probs = student_logits - student_lse[:, None]
-    grad = log_probs.exp().mul_(-dense[:, None])
+    # the gradient is formed in `out` itself when it is the computation's dtype: no [C, V] temporaries
+    grad = out if out.dtype == student_logits.dtype else torch.empty_like(student_logits)
+    torch.sub(student_logits, student_lse[:, None], out=grad)  # the student's log-probs, for now
+    divergence_grad = None
     if teacher is not None:
         teacher_logits, teacher_lse, alpha = teacher
         teacher_logits = _on_load(teacher_logits, pre_scale, softcap_bound)
-        _, divergence_grad = generalized_jsd_and_grad(log_probs, teacher_logits - teacher_lse[:, None], alpha)
-        grad.add_(divergence_grad.mul_(torch.where(has_divergence, row_scale, 0.0)[:, None]))
+        _, divergence_grad = generalized_jsd_and_grad(grad, teacher_logits - teacher_lse[:, None], alpha)
+        divergence_grad.mul_(torch.where(has_divergence, row_scale, 0.0)[:, None])
+    grad.exp_().mul_(-dense[:, None])
+    if divergence_grad is not None:
+        grad.add_(divergence_grad)
     merged = ((index[:, :, None] == index[:, None, :]) * sparse[:, None, :]).sum(-1)
     grad.scatter_(1, index, grad.gather(1, index) + merged)
     grad.mul_(scale)
     if softcap_bound is not None:
         grad.mul_(1.0 - (student_logits / softcap_bound).square())
-    out.copy_(torch.where(live[:, None], grad, 0.0))
+    grad.masked_fill_(~live[:, None], 0.0)
+    if grad is not out:
+        out.copy_(grad)
     return out
