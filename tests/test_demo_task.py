@@ -5,7 +5,7 @@ import random
 import pytest
 
 from sdpo_ops.adapters.feedback import split_scores_and_feedback
-from sdpo_ops.demo_task import (
+from sdpo_ops.demo.task import (
     FORMAT_HINT,
     SCORE_CORRECT,
     SCORE_WRONG,
