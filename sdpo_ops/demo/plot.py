@@ -36,7 +36,7 @@ def plot_curves(logs: Sequence[dict], path: Path, title: str) -> None:
 
     fig, (accuracy_axis, reward_axis, loss_axis) = plt.subplots(1, 3, figsize=(15, 4.6))
     panels = (
-        (accuracy_axis, lambda log: _series(log["held_out"], lambda e: e["accuracy"]), "o-"),
+        (accuracy_axis, lambda log: _series(log["held_out"], lambda e: e["accuracy"]), "o"),
         (
             reward_axis,
             lambda log: _series([r for r in log["steps"] if r["generated"]], lambda r: r["reward_mean"]),
@@ -55,11 +55,24 @@ def plot_curves(logs: Sequence[dict], path: Path, title: str) -> None:
                 continue
             single = len(curves) == 1
             for steps, values in curves:
-                axis.plot(steps, values, marker + ("" if single else "-"), color=colour, alpha=1.0 if single else 0.3)
+                if single:
+                    axis.plot(steps, values, marker + "-", color=colour, markersize=4)
+                else:
+                    axis.plot(steps, values, "-", color=colour, alpha=0.3)
             if not single:
                 axis.plot(*_mean_curve(curves), "-", color=colour, linewidth=2.5)
             # One legend entry per method, whatever the number of seeds.
             axis.plot([], [], "-", color=colour, linewidth=2.5, label=f"{method.upper()} ({len(curves)} seed(s))")
+    if len(logs) == 1 and "held_out_gain" in logs[0]["summary"]:
+        summary = logs[0]["summary"]
+        accuracy_axis.text(
+            0.02,
+            0.97,
+            f"gain {summary['held_out_gain']:+.3f} +- {summary['held_out_gain_stderr']:.3f} (paired s.e.)",
+            transform=accuracy_axis.transAxes,
+            va="top",
+            fontsize=9,
+        )
     held_out_size = len(logs[0]["held_out"][0]["replies"]) if logs and logs[0]["held_out"] else 0
     accuracy_axis.set_title(f"held-out greedy accuracy ({held_out_size} fixed problems)")
     accuracy_axis.set_ylim(-0.02, 1.02)
