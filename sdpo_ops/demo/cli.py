@@ -147,6 +147,25 @@ def summary_table(logs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# Settings that may differ between the runs of one summary.
+_PER_RUN_SETTINGS = ("seed", "seeds", "method", "compare", "output_dir", "cache_dir")
+
+
+def same_setup_logs(output_dir: Path, config: dict) -> list[dict]:
+    """The run logs under ``output_dir/*/`` of the same setup as ``config`` (any seed and method), by seed.
+
+    The setup is every setting both configs carry (the command line and the model), less seed and method.
+    """
+
+    def same_setup(other: dict) -> bool:
+        shared = (set(config) & set(other)) - set(_PER_RUN_SETTINGS)
+        return all(json.dumps(config[key]) == json.dumps(other[key]) for key in shared)
+
+    logs = [json.loads(path.read_text()) for path in sorted(output_dir.glob(f"*/{LOG_FILENAME}"))]
+    matching = [log for log in logs if same_setup(log["config"])]
+    return sorted(matching, key=lambda log: (log["config"]["seed"], METHODS.index(log["method"])))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -168,26 +187,34 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(METHODS) if args.compare else [args.method]
     seeds = args.seeds if args.seeds is not None else [args.seed]
     single = len(methods) == 1 and len(seeds) == 1
+    command = "python -m sdpo_ops.demo " + " ".join(argv if argv is not None else sys.argv[1:])
     logs = []
     for seed in seeds:
         for method in methods:
             run_args = argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None})
             run_dir = output_dir if single else output_dir / f"{method}-seed{seed}"
             run_dir.mkdir(parents=True, exist_ok=True)
-            log = train_once(method, run_args, model_path, run_dir)
+            log = {"command": command, **train_once(method, run_args, model_path, run_dir)}
             (run_dir / LOG_FILENAME).write_text(json.dumps(log, indent=2) + "\n")
             print(format_summary(log["summary"], method.upper()), flush=True)
             logs.append(log)
 
     plot_path = output_dir / PLOT_FILENAME
-    names = " vs ".join(m.upper() for m in methods)
-    plot_curves(logs, plot_path, title=f"{names} on arithmetic with feedback: {Path(model_path).name}")
-    written = [plot_path] if single else []
-    if not single:
+    if single:
+        plot_curves(logs, plot_path, title=f"{methods[0].upper()} on arithmetic with feedback: {Path(model_path).name}")
+        written = [output_dir / LOG_FILENAME, plot_path]
+    else:
+        # Runs of the same setup written here before (other seeds, another process) join the summary.
+        logs = same_setup_logs(output_dir, logs[-1]["config"])
+        methods = list(dict.fromkeys(log["method"] for log in logs))
+        names = " vs ".join(m.upper() for m in methods)
+        plot_curves(logs, plot_path, title=f"{names} on arithmetic with feedback: {Path(model_path).name}")
         summary = {
-            "command": "python -m sdpo_ops.demo " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "environment": logs[0]["environment"],
-            "wall_time_s": time.perf_counter() - start,
+            "commands": list(dict.fromkeys(log["command"] for log in logs)),
+            "environment": logs[-1]["environment"],
+            "run_wall_times_s": {
+                f"{log['method']}-seed{log['config']['seed']}": log["summary"]["wall_time_s"] for log in logs
+            },
             "methods": {m: across_seeds([log for log in logs if log["method"] == m]) for m in methods},
         }
         (output_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
@@ -195,7 +222,5 @@ def main(argv: list[str] | None = None) -> int:
         (output_dir / SUMMARY_MD).write_text(table + "\n")
         print(table)
         written = [plot_path, output_dir / SUMMARY_JSON, output_dir / SUMMARY_MD]
-    else:
-        written.insert(0, output_dir / LOG_FILENAME)
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
