@@ -52,7 +52,7 @@ demo: $(VENV)/.demo
 # The committed studies of demo_results/ (about an hour each on a shared 2-core CPU): SDPO against GRPO over
 # three seeds, and test-time self-distillation against best-of-k.
 demo-compare: $(VENV)/.demo
-	$(PY) -m sdpo_ops.demo --compare --seeds 0 1 2 --max-steps 20 --eval-every 4 --output-dir demo_results/compare
+	$(PY) -m sdpo_ops.demo --compare --seeds 0 1 2 --max-steps 16 --eval-every 4 --output-dir demo_results/compare
 
 demo-ttsd: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo.ttsd $(TTSD_ARGS)

@@ -218,3 +218,33 @@ def test_cache_directory_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("SDPO_OPS_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert model.default_cache_dir() == tmp_path / "xdg" / "sdpo_ops" / model.CACHE_SUBDIR
+
+
+def test_a_longer_run_passes_through_the_shorter_one(tiny_model_dir, tmp_path):
+    """Constant learning rate, the same problems: a 4-step run's first 2 steps and its step-2 held-out score are
+    the 2-step run's, so a longer study's intermediate points are what the shorter default run would print."""
+    short_dir, long_dir = tmp_path / "short", tmp_path / "long"
+    assert cli.main(tiny_argv(tiny_model_dir, short_dir)) == 0
+    long_argv = tiny_argv(tiny_model_dir, long_dir)
+    long_argv[long_argv.index("--max-steps") + 1] = "4"
+    assert cli.main(long_argv) == 0
+    short = json.loads((short_dir / cli.LOG_FILENAME).read_text())
+    long = json.loads((long_dir / cli.LOG_FILENAME).read_text())
+    for short_step, long_step in zip(short["steps"], long["steps"][:2], strict=True):
+        assert short_step["problems"] == long_step["problems"]
+        assert short_step["loss"] == pytest.approx(long_step["loss"], rel=1e-5)
+    assert short["held_out"][-1]["replies"] == long["held_out"][2]["replies"]
+
+
+def test_summary_gathers_only_runs_of_the_same_setup(tmp_path):
+    def write(name, seed, method, learning_rate):
+        config = {"seed": seed, "method": method, "learning_rate": learning_rate, "output_dir": name}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / cli.LOG_FILENAME).write_text(json.dumps({"method": method, "config": config}))
+
+    write("grpo-seed1", 1, "grpo", 1e-5)
+    write("sdpo-seed1", 1, "sdpo", 1e-5)
+    write("sdpo-seed0", 0, "sdpo", 1e-5)
+    write("sdpo-seed7", 7, "sdpo", 3e-5)  # another setup
+    logs = cli.same_setup_logs(tmp_path, {"seed": 0, "method": "sdpo", "learning_rate": 1e-5, "output_dir": "x"})
+    assert [(log["config"]["seed"], log["method"]) for log in logs] == [(0, "sdpo"), (1, "sdpo"), (1, "grpo")]
