@@ -166,6 +166,34 @@ def same_setup_logs(output_dir: Path, config: dict) -> list[dict]:
     return sorted(matching, key=lambda log: (log["config"]["seed"], METHODS.index(log["method"])))
 
 
+def write_summary(output_dir: Path, config: dict) -> list[Path]:
+    """``curves.png``, ``summary.json`` and ``summary.md`` over every run of ``config``'s setup in ``output_dir``.
+
+    Runs written there before (other seeds, another process) join the summary.
+    """
+    from sdpo_ops.demo.plot import plot_curves
+    from sdpo_ops.demo.report import across_seeds
+
+    logs = same_setup_logs(output_dir, config)
+    methods = list(dict.fromkeys(log["method"] for log in logs))
+    plot_path = output_dir / PLOT_FILENAME
+    title = f"{' vs '.join(m.upper() for m in methods)} on arithmetic with feedback: {Path(config['model']).name}"
+    plot_curves(logs, plot_path, title=title)
+    summary = {
+        "commands": list(dict.fromkeys(log["command"] for log in logs)),
+        "environment": logs[-1]["environment"],
+        "run_wall_times_s": {
+            f"{log['method']}-seed{log['config']['seed']}": log["summary"]["wall_time_s"] for log in logs
+        },
+        "methods": {m: across_seeds([log for log in logs if log["method"] == m]) for m in methods},
+    }
+    (output_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    table = summary_table(logs)
+    (output_dir / SUMMARY_MD).write_text(table + "\n")
+    print(table)
+    return [plot_path, output_dir / SUMMARY_JSON, output_dir / SUMMARY_MD]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -177,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     from sdpo_ops.demo.model import prepare_smollm2
     from sdpo_ops.demo.plot import plot_curves
-    from sdpo_ops.demo.report import across_seeds, format_summary
+    from sdpo_ops.demo.report import format_summary
     from sdpo_ops.demo.train import train_once
 
     model_path = args.model if args.model is not None else str(prepare_smollm2(args.cache_dir))
@@ -204,23 +232,6 @@ def main(argv: list[str] | None = None) -> int:
         plot_curves(logs, plot_path, title=f"{methods[0].upper()} on arithmetic with feedback: {Path(model_path).name}")
         written = [output_dir / LOG_FILENAME, plot_path]
     else:
-        # Runs of the same setup written here before (other seeds, another process) join the summary.
-        logs = same_setup_logs(output_dir, logs[-1]["config"])
-        methods = list(dict.fromkeys(log["method"] for log in logs))
-        names = " vs ".join(m.upper() for m in methods)
-        plot_curves(logs, plot_path, title=f"{names} on arithmetic with feedback: {Path(model_path).name}")
-        summary = {
-            "commands": list(dict.fromkeys(log["command"] for log in logs)),
-            "environment": logs[-1]["environment"],
-            "run_wall_times_s": {
-                f"{log['method']}-seed{log['config']['seed']}": log["summary"]["wall_time_s"] for log in logs
-            },
-            "methods": {m: across_seeds([log for log in logs if log["method"] == m]) for m in methods},
-        }
-        (output_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-        table = summary_table(logs)
-        (output_dir / SUMMARY_MD).write_text(table + "\n")
-        print(table)
-        written = [plot_path, output_dir / SUMMARY_JSON, output_dir / SUMMARY_MD]
+        written = write_summary(output_dir, logs[-1]["config"])
     print(f"wrote {', '.join(map(str, written))} in {time.perf_counter() - start:.0f} s", flush=True)
     return 0
