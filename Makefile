@@ -49,10 +49,10 @@ test-fast: $(VENV)/.test
 demo: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo $(DEMO_ARGS)
 
-# The committed studies of demo_results/ (about an hour each on a shared 2-core CPU): SDPO against GRPO over
-# three seeds, and test-time self-distillation against best-of-k.
+# SDPO against GRPO over three seeds (demo_results/compare: run as one process per seed, about an hour on a
+# shared 2-core CPU), and test-time self-distillation against best-of-k (implemented; no committed study yet).
 demo-compare: $(VENV)/.demo
-	$(PY) -m sdpo_ops.demo --compare --seeds 0 1 2 --max-steps 16 --eval-every 4 --output-dir demo_results/compare
+	$(PY) -m sdpo_ops.demo --compare --seeds 0 1 2 --max-steps 16 --eval-every 12 --output-dir demo_results/compare
 
 demo-ttsd: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo.ttsd $(TTSD_ARGS)

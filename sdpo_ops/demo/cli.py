@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     methods.add_argument("--compare", action="store_true", help="train with every method and draw them together")
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR, help="where logs and curves.png go")
     parser.add_argument("--cache-dir", default=None, help="de-quantised SmolLM2 copy (default ~/.cache/sdpo_ops/...)")
-    parser.add_argument("--max-steps", type=int, default=12, help="optimizer steps")
+    parser.add_argument("--max-steps", type=int, default=8, help="optimizer steps")
     parser.add_argument("--num-generations", type=int, default=8, help="replies sampled per problem (group size)")
     parser.add_argument("--problems-per-generation", type=int, default=2, help="problems per generation batch")
     parser.add_argument(
@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--eval-problems", type=int, default=48, help="size of the fixed held-out set answered greedily (0: none)"
     )
     parser.add_argument(
-        "--eval-every", type=int, default=4, help="optimizer steps between held-out evaluations (0: start and end)"
+        "--eval-every", type=int, default=2, help="optimizer steps between held-out evaluations (0: start and end)"
     )
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, default=0, help="seed of the training problems and the trainer")
