@@ -50,7 +50,8 @@ demo: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo $(DEMO_ARGS)
 
 # SDPO against GRPO over three seeds (demo_results/compare: run as one process per seed, about an hour on a
-# shared 2-core CPU), and test-time self-distillation against best-of-k (implemented; no committed study yet).
+# shared 2-core CPU), and test-time self-distillation against best-of-k (demo_results/ttsd:
+# pass TTSD_ARGS="--problems 8 --pool 64 --max-operand 50 --budget 32 --seeds 0 1 --output-dir demo_results/ttsd").
 demo-compare: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo --compare --seeds 0 1 2 --max-steps 16 --eval-every 12 --output-dir demo_results/compare
 
