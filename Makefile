@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 
-.PHONY: help venv install-test install-demo install-bench test test-fast demo bench gpu-check lint clean
+.PHONY: help venv install-test install-demo install-bench test test-fast demo demo-compare demo-ttsd bench gpu-check lint clean
 
 help:
 	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO on CPU (the main job)"
@@ -48,6 +48,15 @@ test-fast: $(VENV)/.test
 
 demo: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo $(DEMO_ARGS)
+
+# SDPO against GRPO over three seeds (demo_results/compare: run as one process per seed, about an hour on a
+# shared 2-core CPU), and test-time self-distillation against best-of-k (demo_results/ttsd:
+# pass TTSD_ARGS="--problems 8 --pool 64 --max-operand 50 --budget 32 --seeds 0 1 --output-dir demo_results/ttsd").
+demo-compare: $(VENV)/.demo
+	$(PY) -m sdpo_ops.demo --compare --seeds 0 1 2 --max-steps 16 --eval-every 12 --output-dir demo_results/compare
+
+demo-ttsd: $(VENV)/.demo
+	$(PY) -m sdpo_ops.demo.ttsd $(TTSD_ARGS)
 
 bench: $(VENV)/.bench
 	$(PY) -m pytest bench --benchmark-only $(BENCH_ARGS)

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from sdpo_ops.adapters.feedback import split_scores_and_feedback
-from sdpo_ops.demo_task import (
+from sdpo_ops.demo.task import (
     FORMAT_HINT,
     SCORE_CORRECT,
     SCORE_WRONG,
@@ -123,6 +123,15 @@ def test_score_wrong_unformatted_number_asks_for_the_format():
     score, feedback = score_completion("7 + 8 = 16", 15, "7 + 8 = 15")
     assert score == SCORE_WRONG
     assert "16 is wrong: 7 + 8 = 15" in feedback and FORMAT_HINT in feedback
+
+
+def test_verdict_feedback_never_quotes_the_solution():
+    for reply in ("Answer: 12", "7 + 8 = 16", "no idea"):
+        score, feedback = score_completion(reply, 15, "7 + 8 = 15", reveal_solution=False)
+        assert score == SCORE_WRONG
+        assert "15" not in feedback and "7 + 8" not in feedback
+    assert score_completion("Answer: 15", 15, "7 + 8 = 15", reveal_solution=False) == (SCORE_CORRECT, None)
+    assert score_completion("Answer: 12", 15, "7 + 8 = 15", reveal_solution=False)[1] == "Your answer 12 is wrong."
 
 
 def test_score_no_number():

@@ -168,22 +168,27 @@ def parse_answer(text: str) -> tuple[int | None, bool]:
     return None, False
 
 
-def score_completion(text: str, answer: int, solution: str) -> tuple[float, str | None]:
+def score_completion(
+    text: str, answer: int, solution: str, *, reveal_solution: bool = True
+) -> tuple[float, str | None]:
     """``(score, feedback)`` for one reply; feedback is None for a correct one.
 
     Args:
         text: the model's reply.
         answer: the correct integer.
         solution: the worked result quoted in feedback, e.g. ``"7 + 8 = 15"``.
+        reveal_solution: quote ``solution`` in the feedback; False says only what was wrong (a verdict,
+            as a test harness would), so a teacher reading it still has to find the answer.
     """
+    quoted = f": {solution}" if reveal_solution else ""
     value, formatted = parse_answer(text)
     if value is None:
-        return SCORE_WRONG, f"No final answer found: {solution}. {FORMAT_HINT}"
+        return SCORE_WRONG, f"No final answer found{quoted}. {FORMAT_HINT}"
     if value == answer:
         return SCORE_CORRECT, None
     if formatted:
-        return SCORE_WRONG, f"Your answer {value} is wrong: {solution}."
-    return SCORE_WRONG, f"No 'Answer:' line found and your last number {value} is wrong: {solution}. {FORMAT_HINT}"
+        return SCORE_WRONG, f"Your answer {value} is wrong{quoted}."
+    return SCORE_WRONG, f"No 'Answer:' line found and your last number {value} is wrong{quoted}. {FORMAT_HINT}"
 
 
 def arithmetic_reward(completions, answer, solution, **kwargs) -> list[dict]:

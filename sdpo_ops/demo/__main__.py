@@ -1,0 +1,5 @@
+import sys
+
+from sdpo_ops.demo.cli import main
+
+sys.exit(main())
