@@ -159,6 +159,21 @@ def _check_targets(target_ids: Tensor | None, old_logprobs: Tensor | None, vocab
         raise ValueError(f"target_ids must lie in [0, V={vocab}), got values in [{low}, {high}]")
 
 
+def _checked_call(
+    per_token: dict, leading_shape: torch.Size, device: torch.device, dtype: torch.dtype, *, vocab: int, **options
+) -> Tensor:
+    """Every check the entry points share, in the order a user meets them: the per-token inputs, the options, the
+    logit transform, the target ids. Returns the float mask."""
+    float_mask = _checked_per_token_inputs(per_token, leading_shape, device, dtype)
+    if isinstance(options["normalizer"], Tensor):
+        _check_tensor("normalizer", options["normalizer"], device=device)
+    transform = {name: options.pop(name) for name in ("logit_scale", "logit_softcap")}
+    _check_options(vocab=vocab, **options)
+    _check_logit_transform(**transform)
+    _check_targets(per_token["target_ids"], per_token["old_logprobs"], vocab)
+    return float_mask
+
+
 def _reduction_coefficients(mask: Tensor, reduction: str, normalizer) -> Tensor:
     """Per-token coefficients ``c`` such that the reduced loss is ``sum_t c_t * loss_t``."""
     if reduction in ("sum", "none"):
@@ -293,21 +308,11 @@ def sdpo_loss(
             f"vocab mismatch: student_weight has V={vocab} rows, teacher_weight has {teacher_weight.shape[0]}"
         )
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_per_token_inputs(per_token, leading_shape, device, accumulation_dtype(student_hidden.dtype))
-    if isinstance(normalizer, Tensor):
-        _check_tensor("normalizer", normalizer, device=device)
-    _check_options(
-        vocab=vocab,
-        topk=topk,
-        alpha=alpha,
-        is_clip=is_clip,
-        temperature=temperature,
-        reduction=reduction,
-        normalizer=normalizer,
-        backend=backend,
-    )
-    _check_logit_transform(logit_scale, logit_softcap)
-    _check_targets(target_ids, old_logprobs, vocab)
+    float_mask = _checked_call(
+        per_token, leading_shape, device, accumulation_dtype(student_hidden.dtype), vocab=vocab, topk=topk,
+        alpha=alpha, is_clip=is_clip, temperature=temperature, reduction=reduction, normalizer=normalizer,
+        backend=backend, logit_scale=logit_scale, logit_softcap=logit_softcap,
+    )  # fmt: skip
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
@@ -455,19 +460,11 @@ def sdpo_loss_from_logits(
         raise ValueError(f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
     leading_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_per_token_inputs(per_token, leading_shape, device, accumulation_dtype(student_logits.dtype))
-    _check_options(
-        vocab=vocab,
-        topk=topk,
-        alpha=alpha,
-        is_clip=is_clip,
-        temperature=temperature,
-        reduction=reduction,
-        normalizer=normalizer,
-        backend="reference",
-    )
-    _check_logit_transform(logit_scale, logit_softcap)
-    _check_targets(target_ids, old_logprobs, vocab)
+    float_mask = _checked_call(
+        per_token, leading_shape, device, accumulation_dtype(student_logits.dtype), vocab=vocab, topk=topk,
+        alpha=alpha, is_clip=is_clip, temperature=temperature, reduction=reduction, normalizer=normalizer,
+        backend="reference", logit_scale=logit_scale, logit_softcap=logit_softcap,
+    )  # fmt: skip
     result = sdpo_loss_reference_from_logits(
         student_logits,
         teacher_logits,

@@ -20,12 +20,9 @@ from sdpo_ops import row_ops as torch_row_ops
 from sdpo_ops.chunked import FusedOptions, TeacherTopKSDPOFunction, accumulation_dtype, default_chunk_size
 from sdpo_ops.loss import (
     SDPOOutput,
-    _check_logit_transform,
-    _check_options,
     _check_side,
-    _check_targets,
     _check_tensor,
-    _checked_per_token_inputs,
+    _checked_call,
     _fused_result,
     _package,
     _row_weight,
@@ -178,21 +175,11 @@ def sdpo_loss_from_teacher_topk(
     leading_shape = student_hidden.shape[:-1]
     dtype = accumulation_dtype(student_hidden.dtype)
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_per_token_inputs(per_token, leading_shape, device, dtype)
-    if isinstance(normalizer, Tensor):
-        _check_tensor("normalizer", normalizer, device=device)
-    _check_options(
-        vocab=vocab,
-        topk=topk,
-        alpha=alpha,
-        is_clip=is_clip,
-        temperature=temperature,
-        reduction=reduction,
-        normalizer=normalizer,
-        backend=backend,
-    )
-    _check_logit_transform(logit_scale, logit_softcap)
-    _check_targets(target_ids, old_logprobs, vocab)
+    float_mask = _checked_call(
+        per_token, leading_shape, device, dtype, vocab=vocab, topk=topk, alpha=alpha, is_clip=is_clip,
+        temperature=temperature, reduction=reduction, normalizer=normalizer, backend=backend,
+        logit_scale=logit_scale, logit_softcap=logit_softcap,
+    )  # fmt: skip
 
     # Masked positions: distinct in-range ids and log-probs 0 (TRL zeroes them), so no stage meets padding.
     num_tokens = leading_shape.numel()
