@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -327,6 +328,13 @@ def global_accesses(llir: str) -> list[tuple[str, int, str, int]]:
     return accesses
 
 
+def _source_key(path: str) -> str:
+    """A source file named from its package on (``sdpo_ops/kernels/x.py``): Triton's compile cache is keyed by the
+    source text, so a kernel compiled from another checkout carries that checkout's absolute paths."""
+    parts = pathlib.PurePath(os.path.realpath(path)).parts
+    return "/".join(parts[parts.index("sdpo_ops") :]) if "sdpo_ops" in parts else parts[-1]
+
+
 def _jit_source_lines(kernel) -> dict[tuple[str, int], str]:
     """``(file, line) -> text`` of the kernel and the ``@triton.jit`` helpers in its module's namespace.
 
@@ -336,7 +344,7 @@ def _jit_source_lines(kernel) -> dict[tuple[str, int], str]:
     lines = {}
     for value in [kernel, *kernel.fn.__globals__.values()]:
         if isinstance(value, JITFunction):
-            file = os.path.realpath(value.fn.__code__.co_filename)
+            file = _source_key(value.fn.__code__.co_filename)
             for offset, text in enumerate(value.raw_src):
                 lines[(file, value.starting_line_number + offset)] = text
     return lines
@@ -351,7 +359,7 @@ def row_accesses(spec: Specialisation, llir: str) -> list[RowAccess]:
             wanted[where] = "ld" if match.group(1) == "load" else "st"
     widths: dict[tuple[str, int], list[int]] = {where: [] for where in wanted}
     for kind, bits, file, line in global_accesses(llir):
-        where = (os.path.realpath(file), line)
+        where = (_source_key(file), line)
         if wanted.get(where) == kind:
             widths[where].append(bits)
     # helpers' lines that this kernel does not call compile to nothing here: report what it has
