@@ -69,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--topk", type=int, default=100, help="SDPO: top-K support of the distillation (0: full)")
     parser.add_argument("--alpha", type=float, default=0.5, help="SDPO: 0 KL(teacher||student), 1 KL(student||teacher)")
     parser.add_argument("--teacher-update-rate", type=float, default=0.05, help="SDPO: EMA rate (0: frozen start)")
+    parser.add_argument(
+        "--distillation-weight",
+        type=float,
+        default=1.0,
+        help="SDPO: (1 - w) * GRPO policy loss + w * distillation loss (TRL's distillation_weight; 1: pure SDPO)",
+    )
     parser.add_argument("--max-operand", type=int, default=10, help="problems use operands 1..max-operand")
     parser.add_argument(
         "--eval-problems", type=int, default=48, help="size of the fixed held-out set answered greedily (0: none)"
@@ -93,6 +99,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
+    if not 0.0 <= args.distillation_weight <= 1.0:
+        parser.error(f"--distillation-weight must be in [0, 1], got {args.distillation_weight}")
     if not 0.0 <= args.teacher_update_rate <= 1.0:
         parser.error(f"--teacher-update-rate must be in [0, 1], got {args.teacher_update_rate}")
     if args.num_generations < 2:

@@ -220,7 +220,7 @@ def build_config(method: str, args, output_dir: Path, use_cuda: bool):
         **shared,
         max_prompt_length=256,
         # SDPO loss: the official defaults, computed by sdpo_ops' fused loss.
-        distillation_weight=1.0,
+        distillation_weight=args.distillation_weight,
         distillation_mode="topk_logits" if args.topk > 0 else "full_logits",
         distillation_topk=args.topk if args.topk > 0 else None,
         distillation_add_tail=True,
