@@ -8,7 +8,7 @@ PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 .PHONY: help venv install-test install-demo install-bench test test-fast demo demo-compare demo-ttsd bench gpu-check lint clean
 
 help:
-	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO on CPU (the main job)"
+	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO (blended with GRPO) on CPU (the main job)"
 	@echo "make test   - set up .venv and run the whole test suite"
 	@echo "make bench  - run the benchmark suite and write bench/results/<machine>/"
 	@echo "make gpu-check PY=python3 - on a CUDA machine: GPU tests, acceptance targets, GPU bench profile"
@@ -53,7 +53,7 @@ demo: $(VENV)/.demo
 # shared 2-core CPU), and test-time self-distillation against best-of-k (demo_results/ttsd:
 # pass TTSD_ARGS="--problems 8 --pool 64 --max-operand 50 --budget 32 --seeds 0 1 --output-dir demo_results/ttsd").
 demo-compare: $(VENV)/.demo
-	$(PY) -m sdpo_ops.demo --compare --seeds 0 1 2 --max-steps 16 --eval-every 12 --output-dir demo_results/compare
+	$(PY) -m sdpo_ops.demo --compare --seeds 0 1 2 --max-steps 16 --eval-every 12 --distillation-weight 1 --output-dir demo_results/compare
 
 demo-ttsd: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo.ttsd $(TTSD_ARGS)
