@@ -211,14 +211,14 @@ class _StagedGradients:
         self.filled, self.overwrite = 0, False
 
 
-def _scaled(accumulator: Tensor | None, scale: Tensor | None, dtype: torch.dtype, in_place: bool) -> Tensor | None:
-    """``accumulator * scale`` in ``dtype``: in place when allowed and the dtype matches, else in one pass into
-    the result (a bf16 weight's gradient straight from the fp32 accumulator, no fp32 temporary)."""
+def _scaled(accumulator: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``accumulator * scale`` in ``dtype``: in place when the dtype matches, else in one pass into the result
+    (a bf16 weight's gradient straight from the fp32 accumulator, no fp32 temporary)."""
     if accumulator is None:
         return None
     if scale is None:
         return accumulator if accumulator.dtype == dtype else accumulator.to(dtype)
-    if in_place and accumulator.dtype == dtype:
+    if accumulator.dtype == dtype:
         return accumulator.mul_(scale)
     return torch.mul(accumulator, scale, out=torch.empty(accumulator.shape, dtype=dtype, device=accumulator.device))
 
@@ -421,16 +421,12 @@ def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tens
     saved = _SavedForBackward(*ctx.saved_tensors)
     student_hidden, student_weight = saved.student_hidden, saved.student_weight
     needs_grad = tuple(ctx.needs_input_grad[:3])
-    # What forward formed, times the upstream scalar. With an fp32 weight the accumulators *are* the
-    # gradients' dtype: scaled in place and handed over (no second [V, H] buffer); a second backward
-    # through the same graph (retain_graph=True) then takes the recompute path. Other dtypes scale into
-    # the returned tensors and keep the accumulators.
+    # What forward formed, times the upstream scalar: handed over and scaled in place (no second [V, H] buffer);
+    # a second backward through the same graph (retain_graph=True) then takes the recompute path.
     grads, upstream = None, None
     formed = ctx.form_grad_now and ctx.precomputed is not None
     if formed and grad_loss is not None:
-        grads, upstream = ctx.precomputed, grad_loss
-        if student_weight.dtype == torch.float32:
-            ctx.precomputed = None
+        grads, upstream, ctx.precomputed = ctx.precomputed, grad_loss, None
     # A recompute pass: per-token upstream gradient of the loss, or a gradient of the target log-probs.
     loss_scale = None
     if grad_loss is not None and not formed:
@@ -438,21 +434,19 @@ def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tens
     if (loss_scale is not None or grad_target_logprobs is not None) and any(needs_grad):
         if grads is None:
             grads = _Gradients.allocate(needs_grad, student_hidden, student_weight)
-        else:  # the recompute pass adds its own, already scaled terms: fold the scalar in first
-            scale = upstream
-            grads = _Gradients(*(None if acc is None else acc * scale.to(acc.dtype) for acc in
-                                 (grads.hidden, grads.weight, grads.bias)))  # fmt: skip
+        elif upstream is not None:  # the recompute pass adds its own, already scaled terms: fold the scalar in first
+            for accumulator in (grads.hidden, grads.weight, grads.bias):
+                if accumulator is not None:
+                    accumulator.mul_(upstream.to(accumulator.dtype))
             upstream = None
         _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, grad_target_logprobs)
-    # in place only on buffers nobody keeps: handed over by ctx, or fresh from a recompute pass
-    in_place = grads is not ctx.precomputed
     if grads is None:
         grads = _Gradients(None, None, None)
     bias_dtype = None if saved.student_bias is None else saved.student_bias.dtype
     return (
-        _scaled(grads.hidden, upstream, student_hidden.dtype, in_place),
-        _scaled(grads.weight, upstream, student_weight.dtype, in_place),
-        _scaled(grads.bias, upstream, bias_dtype, in_place),
+        _scaled(grads.hidden, upstream, student_hidden.dtype),
+        _scaled(grads.weight, upstream, student_weight.dtype),
+        _scaled(grads.bias, upstream, bias_dtype),
     )
 
 

@@ -458,6 +458,21 @@ def test_backward_twice_with_retain_graph_accumulates():
         torch.testing.assert_close(leaf.grad, 2 * once, **ELEMENTWISE[torch.float32])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_second_backward_of_a_retained_graph_recomputes_what_the_first_handed_over(dtype):
+    # the gradients formed in forward go to the first backward (scaled in place, no second [V, H] buffer);
+    # the second one must recompute them, not reuse or lose them
+    hidden, weight, teacher_hidden, teacher_weight, target_ids = _small_inputs(dtype=dtype, seed=6)
+    leaf_hidden, leaf_weight = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = sdpo_loss(leaf_hidden, leaf_weight, teacher_hidden, teacher_weight, topk=4, backend="torch")
+    loss.backward(retain_graph=True)
+    once = (leaf_hidden.grad.clone(), leaf_weight.grad.clone())
+    loss.backward()
+    tolerance = ELEMENTWISE[torch.float32] if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
+    for twice, single in zip((leaf_hidden.grad, leaf_weight.grad), once, strict=True):
+        torch.testing.assert_close(twice.float(), 2 * single.float(), **tolerance)
+
+
 # ----------------------------------------------------------------------------------------------- other forms
 
 
