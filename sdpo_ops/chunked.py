@@ -66,7 +66,6 @@ class FusedOptions:
     temperature: float
     chunk_size: int
     grad_in_forward: bool
-    stage_rows: int = 0  # rows of dZ per dW pass; 0 = the device default
     logit_scale: float = 1.0
     logit_softcap: float | None = None
 
@@ -96,7 +95,7 @@ def default_chunk_size(num_tokens: int, vocab: int, device: torch.device) -> int
 
 def stage_rows_for(options: FusedOptions, num_tokens: int, device: torch.device) -> int:
     """Whole chunks of dZ per dW pass: at least the device's row target, at most the call's rows."""
-    target = options.stage_rows or DW_STAGE_ROWS.get(device.type, DW_STAGE_ROWS["cuda"])
+    target = DW_STAGE_ROWS.get(device.type, DW_STAGE_ROWS["cuda"])
     chunk = options.chunk_size
     return min(-(-target // chunk) * chunk, -(-num_tokens // chunk) * chunk)
 

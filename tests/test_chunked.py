@@ -18,7 +18,7 @@ from tolerances import ELEMENTWISE
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from sdpo_ops import SDPOLoss, SDPOOutput, sdpo_loss, sdpo_loss_from_logits
+from sdpo_ops import SDPOLoss, SDPOOutput, chunked, sdpo_loss, sdpo_loss_from_logits
 
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "none")
 
@@ -471,6 +471,25 @@ def test_second_backward_of_a_retained_graph_recomputes_what_the_first_handed_ov
     tolerance = ELEMENTWISE[torch.float32] if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-3}
     for twice, single in zip((leaf_hidden.grad, leaf_weight.grad), once, strict=True):
         torch.testing.assert_close(twice.float(), 2 * single.float(), **tolerance)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_dz_staged_over_several_chunks_per_dw_pass(backend, monkeypatch):
+    # CUDA stages >= 1536 rows (several chunks) per dW pass, CPU one chunk: make the CPU stage 3 chunks of 2 rows,
+    # with a last, partial pass, so the staging that runs on GPUs is checked against the reference here
+    monkeypatch.setitem(chunked.DW_STAGE_ROWS, "cpu", 5)
+    hidden, weight, teacher_hidden, teacher_weight, target_ids = _small_inputs(seed=7, shape=(9,))
+    bias = torch.randn(weight.shape[0])
+    grads = {}
+    for name in (backend, "reference"):
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+        loss = sdpo_loss(leaves[0], leaves[1], teacher_hidden, teacher_weight, student_bias=leaves[2],
+                         target_ids=target_ids, topk=4, backend=name, chunk_size=2)  # fmt: skip
+        loss.backward()
+        grads[name] = [leaf.grad for leaf in leaves]
+    assert chunked.stage_rows_for(chunked.FusedOptions(4, True, 0.5, 2.0, 1.0, 2, True), 9, hidden.device) == 6
+    for actual, expected in zip(grads[backend], grads["reference"], strict=True):
+        torch.testing.assert_close(actual, expected, **ELEMENTWISE[torch.float32])
 
 
 # ----------------------------------------------------------------------------------------------- other forms
