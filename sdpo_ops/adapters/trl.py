@@ -134,6 +134,20 @@ def _backbone(model: nn.Module) -> nn.Module:
     return backbone
 
 
+def _fused_result(output, reduced_loss, per_token_loss, loss_mask: Tensor, device) -> dict[str, Tensor]:
+    """What the loss step reads from one fused call (``SDPOOutput``), the shape both teacher kinds share."""
+    result = {
+        "reduced_loss": reduced_loss,
+        "per_token_loss": per_token_loss,
+        "target_logprobs": output.target_logprobs,
+        "topk_mass": output.topk_mass,
+        "loss_mask": loss_mask.to(device),
+    }
+    if output.is_weight is not None:
+        result["is_weight"] = output.is_weight
+    return result
+
+
 def _lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
     """``(weight [V, H], bias [V] or None)`` of the model's output projection."""
     head = _transformers_model(model).get_output_embeddings()
@@ -521,13 +535,7 @@ class SDPOTrainer(_TRLSDPOTrainer):
         """
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         length = completion_ids.size(1)
-        student_hidden = self._completion_hidden_states(
-            student,
-            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
-            length,
-        )
-        student_weight, student_bias = _lm_head(student)
+        student_hidden, student_weight, student_bias = self._student_hidden_and_head(student, inputs)
         if with_teacher:
             teacher_wrapper = self.teacher_model
             teacher = self.accelerator.unwrap_model(teacher_wrapper)
@@ -596,17 +604,22 @@ class SDPOTrainer(_TRLSDPOTrainer):
                 **options,
                 **self._logit_transform.loss_options(),
             )
-        result = {
-            "reduced_loss": output.loss if reduce else None,
-            "per_token_loss": output.per_token_loss if reduce else output.loss,
-            "target_logprobs": output.target_logprobs,
-            "teacher_target_logprobs": output.teacher_target_logprobs,
-            "topk_mass": output.topk_mass,
-            "loss_mask": loss_mask.to(device),
-        }
-        if output.is_weight is not None:
-            result["is_weight"] = output.is_weight
+        result = _fused_result(
+            output, output.loss if reduce else None, output.per_token_loss if reduce else output.loss, loss_mask, device
+        )
+        result["teacher_target_logprobs"] = output.teacher_target_logprobs
         return result
+
+    def _student_hidden_and_head(self, student: nn.Module, inputs: dict[str, Any]):
+        """The student's last hidden states at the completion positions and its lm_head ``(weight, bias)``."""
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        hidden = self._completion_hidden_states(
+            student,
+            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
+            completion_ids.size(1),
+        )
+        return (hidden, *_lm_head(student))
 
     def _compute_rollout_logps(self, prompt_ids, prompt_mask, completion_ids, completion_mask):
         """TRL's rollout log-probs (same condition), from the fused path instead of ``[B, T, V]`` logits."""
@@ -716,14 +729,8 @@ class SDPOTrainer(_TRLSDPOTrainer):
     ) -> dict[str, Tensor]:
         """The student's side of the server loss, run inside its wrapper forward: hidden states, the lm_head and
         :func:`sdpo_loss_from_teacher_topk` on the server's top-k; the same dict as :meth:`_fused_forward`."""
-        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        student_hidden = self._completion_hidden_states(
-            student,
-            torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
-            torch.cat([inputs["prompt_mask"], completion_mask], dim=1),
-            completion_ids.size(1),
-        )
-        student_weight, student_bias = _lm_head(student)
+        completion_ids = inputs["completion_ids"]
+        student_hidden, student_weight, student_bias = self._student_hidden_and_head(student, inputs)
         with_is = self.args.distillation_is_clip is not None and inputs.get("old_per_token_logps") is not None
         sampled_token = self.args.distillation_mode == "sampled_token"
         head_dtype = self._head_dtype(student_hidden, student_weight)
@@ -751,16 +758,7 @@ class SDPOTrainer(_TRLSDPOTrainer):
                 return_outputs=True,
                 **self._logit_transform.loss_options(),
             )
-        result = {
-            "reduced_loss": None if sampled_token else output.loss,
-            "per_token_loss": output.per_token_loss,
-            "target_logprobs": output.target_logprobs,
-            "topk_mass": output.topk_mass,
-            "loss_mask": loss_mask.to(device),
-        }
-        if output.is_weight is not None:
-            result["is_weight"] = output.is_weight
-        return result
+        return _fused_result(output, None if sampled_token else output.loss, output.per_token_loss, loss_mask, device)
 
     def _distillation_loss(self, model, result: dict[str, Tensor]) -> Tensor:
         """TRL's aggregation of the per-token divergence: token mean per sequence, mean over sequences."""
