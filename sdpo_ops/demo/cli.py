@@ -204,21 +204,27 @@ def write_summary(output_dir: Path, config: dict) -> list[Path]:
     return [plot_path, output_dir / SUMMARY_JSON, output_dir / SUMMARY_MD]
 
 
+def start_run(args) -> tuple[Path, str]:
+    """What every demo command does first: its output directory, quiet libraries, the model's local path
+    (``--model``, else the de-quantised SmolLM2 copy, built once)."""
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _quiet_libraries()
+    from sdpo_ops.demo.model import prepare_smollm2
+
+    return output_dir, args.model if args.model is not None else str(prepare_smollm2(args.cache_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
     import torch
 
-    _quiet_libraries()
-    from sdpo_ops.demo.model import prepare_smollm2
+    output_dir, model_path = start_run(args)
     from sdpo_ops.demo.plot import plot_curves
     from sdpo_ops.demo.report import format_summary
     from sdpo_ops.demo.train import train_once
 
-    model_path = args.model if args.model is not None else str(prepare_smollm2(args.cache_dir))
     device = "CUDA" if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"sdpo_ops demo: model {model_path} on {device}", flush=True)
 

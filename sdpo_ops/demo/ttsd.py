@@ -275,18 +275,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sdpo_ops.demo.cli import _quiet_libraries
-    from sdpo_ops.demo.model import prepare_smollm2
+    from sdpo_ops.demo.cli import start_run
     from sdpo_ops.demo.train import environment
 
-    _quiet_libraries()
-    model_path = args.model if args.model is not None else str(prepare_smollm2(args.cache_dir))
+    output_dir, model_path = start_run(args)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
