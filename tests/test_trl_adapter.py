@@ -198,6 +198,13 @@ EQUIVALENCE_CASES = {
 }
 
 
+def _trainer(model, tokenizer, args, reward) -> SDPOTrainer:
+    """Our trainer on the tiny dataset (the calls that only construct it, or train it to its first error)."""
+    return SDPOTrainer(
+        model=model, reward_funcs=reward, args=args, train_dataset=_dataset(), processing_class=tokenizer
+    )
+
+
 @pytest.mark.parametrize("case", list(EQUIVALENCE_CASES))
 def test_matches_trl_losses_and_weights(case, model_dirs, tokenizer, tmp_path):
     model_key, overrides = EQUIVALENCE_CASES[case]
@@ -380,9 +387,7 @@ def test_refuses_undeclared_logit_transform(tokenizer, tmp_path):
     args = _config(
         tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live", max_steps=1
     )
-    trainer = SDPOTrainer(
-        model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(), processing_class=tokenizer
-    )
+    trainer = _trainer(model, tokenizer, args, ScheduledReward())
     with pytest.raises(ValueError, match="lm_head.weight"):
         trainer.train()
 
@@ -390,13 +395,7 @@ def test_refuses_undeclared_logit_transform(tokenizer, tmp_path):
 def test_topk_mode_without_topk_is_refused(model_dirs, tokenizer, tmp_path):
     args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=None, teacher_model_kind="live")
     with pytest.raises(ValueError, match="distillation_topk"):
-        SDPOTrainer(
-            model=model_dirs["untied"],
-            reward_funcs=ScheduledReward(),
-            args=args,
-            train_dataset=_dataset(),
-            processing_class=tokenizer,
-        )
+        _trainer(model_dirs["untied"], tokenizer, args, ScheduledReward())
 
 
 # Each bad value, the field the error must name. All are caught in __init__, before TRL loads the model (or,
@@ -428,36 +427,18 @@ def test_bad_configs_fail_in_init(case, model_dirs, tokenizer, tmp_path):
         overrides.pop("distillation_topk")
     args = _config(tmp_path, **overrides)
     with pytest.raises(ValueError, match=field):
-        SDPOTrainer(
-            model=model_dirs["untied"],
-            reward_funcs=_NeverCalledReward(),
-            args=args,
-            train_dataset=_dataset(),
-            processing_class=tokenizer,
-        )
+        _trainer(model_dirs["untied"], tokenizer, args, _NeverCalledReward())
 
 
 def test_topk_equal_to_vocab_is_accepted(model_dirs, tokenizer, tmp_path):
     args = _config(tmp_path, distillation_mode="topk_logits", distillation_topk=len(tokenizer))
-    SDPOTrainer(
-        model=model_dirs["untied"],
-        reward_funcs=ScheduledReward(),
-        args=args,
-        train_dataset=_dataset(),
-        processing_class=tokenizer,
-    )
+    _trainer(model_dirs["untied"], tokenizer, args, ScheduledReward())
 
 
 def test_topk_with_full_logits_warns(model_dirs, tokenizer, tmp_path):
     args = _config(tmp_path, distillation_mode="full_logits", distillation_topk=5)
     with pytest.warns(UserWarning, match="distillation_topk=5 is ignored"):
-        SDPOTrainer(
-            model=model_dirs["untied"],
-            reward_funcs=ScheduledReward(),
-            args=args,
-            train_dataset=_dataset(),
-            processing_class=tokenizer,
-        )
+        _trainer(model_dirs["untied"], tokenizer, args, ScheduledReward())
 
 
 def test_opt_with_its_default_dropout_trains_like_trl(tokenizer, tmp_path):
@@ -495,8 +476,6 @@ def test_refuses_a_subclass_that_scales_its_logits_undeclared(tokenizer, tmp_pat
     args = _config(
         tmp_path, distillation_mode="topk_logits", distillation_topk=5, teacher_model_kind="live", max_steps=1
     )
-    trainer = SDPOTrainer(
-        model=model, reward_funcs=ScheduledReward(), args=args, train_dataset=_dataset(), processing_class=tokenizer
-    )
+    trainer = _trainer(model, tokenizer, args, ScheduledReward())
     with pytest.raises(ValueError, match="lm_head.weight"):
         trainer.train()
