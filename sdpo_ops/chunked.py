@@ -2,9 +2,10 @@
 
 Per chunk of C token rows (never a full ``[N, V]`` tensor):
 
-1. ``zs = (hs_c @ Ws^T + bs) / T`` into a reused fp32 ``[C, V]`` buffer (one GEMM; bias and temperature in
-   its epilogue where the GEMM allows); ``student_row_stats``: log-sum-exp, top-K logits and columns, target.
-2. ``zt = (ht_c @ Wt^T + bt) / T`` into a second buffer (no gradient); ``teacher_row_stats``: log-sum-exp
+1. ``hs_c @ Ws^T + bs`` into a reused fp32 ``[C, V]`` buffer (one GEMM; bias, logit scale and temperature in
+   its epilogue where the dtypes allow, the rest and any softcap applied by every row stage on load);
+   ``student_row_stats``: log-sum-exp, top-K logits and columns, target.
+2. ``ht_c @ Wt^T + bt`` likewise into a second buffer (no gradient); ``teacher_row_stats``: log-sum-exp
    and the logits at the student's top-K columns and at the target column.
 3. ``row_loss_``: the ``[C, K+1]`` math (tail bins, GJSD, its gradient coefficients, IS weight, row scale,
    weighted loss) in one launch. Full-vocabulary mode runs ``full_vocab_divergence`` over both buffers first.
@@ -12,14 +13,14 @@ Per chunk of C token rows (never a full ``[N, V]`` tensor):
    w.r.t. the logits is formed now by ``logit_grad``, written in the GEMM dtype into a staging buffer that
    holds the dZ of several chunks; when it is full, ``dH = dZ @ Ws`` and one ``dW += dZ^T @ hs`` over all its
    rows (a pass over the fp32 ``[V, H]`` accumulator costs ~2 x 4 x V x H bytes whatever the row count, so
-   it must see >= ~1300 rows at H=4096 to stay compute-bound; one chunk of C ~ 280 rows would not).
+   it must see >= ~1300 rows at H=4096 to stay compute-bound; one chunk of C = 384 rows would not).
    4 GEMM-equivalents in all; backward only scales the gradients, in place, by the upstream scalar.
    Otherwise (a per-token upstream gradient) backward recomputes ``zs`` (and ``zt`` in full-vocabulary
    mode) and forms ``dZ`` then. The target log-prob output's gradient (a policy loss on the same call)
    always comes from such a recompute pass, run only when that output actually receives a gradient.
 
-Per chunk that is 6 launches at the defaults (2 GEMMs and 4 row kernels on the Triton path; +1 per chunk for
-a bias, +2 for a temperature != 1 in bf16), plus 2-3 per staging flush; ``tests/test_launch_budget.py``
+Per chunk that is 6 launches (2 GEMMs and 4 row kernels on the Triton path; +1 per side for a bias in bf16),
+plus 2-3 per staging flush; ``tests/test_launch_budget.py``
 holds it to that. ``row_ops`` is ``sdpo_ops.row_ops`` (torch) or ``sdpo_ops.kernels.row_ops`` (Triton): the
 same host orchestration runs on CPU tests and on the GPU. On ``meta`` tensors the whole call runs as a dry
 run (shapes, allocations and launches only), which the cost model and the memory tests use.
