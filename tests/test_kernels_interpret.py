@@ -15,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import ELEMENTWISE
+from triton import next_power_of_2 as triton_next_power_of_2
 
 from sdpo_ops import row_ops as torch_ops
 from sdpo_ops.kernels import row_ops as triton_ops
@@ -167,6 +168,44 @@ def test_student_topk_is_exact_with_lower_column_ties(V, k_fraction, block_v, di
         order = sorted(range(V), key=lambda j: (-logits[row, j].item(), j))[:K]
         assert topk_index[row].tolist() == order
     torch.testing.assert_close(topk_logits, logits.gather(1, topk_index), rtol=0, atol=0)
+
+
+def _survivors(row: torch.Tensor, K: int, sub: int) -> int:
+    """How many keys pass 2's threshold keeps (the oracle of which path the kernel takes): the values at or above
+    the K-th largest sub-block maximum, or every value when the row has fewer than K sub-blocks."""
+    maxima = torch.stack([block.max() for block in row.split(sub)])
+    if len(maxima) < K:
+        return row.numel()
+    return int((row >= maxima.sort(descending=True).values[K - 1]).sum())
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("path", ["few survivors", "overflow: ties", "K = V", "-inf", "overflow: -inf"])
+def test_student_topk_both_pass2_paths(path):
+    # block_v=16 gives SUB=2; room for 4 * K_PAD survivors (32 at K=5), else the fallback over every candidate
+    V, K, sub = 96, 5, 2
+    gen = torch.Generator().manual_seed(5)
+    row = torch.randn(V, generator=gen)
+    if path == "overflow: ties":
+        row = torch.randint(0, 2, (V,), generator=gen).float()
+    elif path == "K = V":
+        K = V
+    elif path == "-inf":
+        row[torch.rand(V, generator=gen) < 0.3] = -math.inf
+    elif path == "overflow: -inf":  # fewer finite values than K: the threshold is -inf
+        row[torch.rand(V, generator=gen) < 0.97] = -math.inf
+    overflows = _survivors(row, K, sub) > 4 * max(triton_next_power_of_2(K), 2)
+    assert overflows == path.startswith("overflow"), _survivors(row, K, sub)
+    logits = row[None].repeat(2, 1)
+    logits[1] = logits[1].flip(0)
+    entropy = torch.empty(2)
+    lse, topk_logits, topk_index, _ = triton_ops.student_row_stats(logits, K, None, entropy=entropy, block_v=16)
+    for r in range(2):
+        order = sorted(range(V), key=lambda j: (-logits[r, j].item(), j))[:K]
+        assert topk_index[r].tolist() == order
+    torch.testing.assert_close(topk_logits, logits.gather(1, topk_index), rtol=0, atol=0)
+    _assert_close(lse, torch.logsumexp(logits.double(), -1).float())
+    _assert_close(entropy, _fp64_entropy(logits))
 
 
 def test_student_row_stats_rejects_bad_arguments():
