@@ -50,8 +50,10 @@ from sdpo_ops.row_outputs import RowOutputs
 CHUNK_BYTES = {"cuda": 224 * 2**20, "meta": 224 * 2**20, "cpu": 32 * 2**20}
 # Rows of dZ staged per dW accumulator pass (rounded up to whole chunks). On CUDA the fp32 [V, H] read+write
 # (~5 GB at V=151936, H=4096) costs ~1.5 ms whatever the row count, the GEMM 2*R*V*H FLOP: R >= ~1300 rows
-# keeps it compute-bound. On CPU there is no such cliff: one chunk per pass.
-DW_STAGE_ROWS = {"cuda": 1536, "meta": 1536, "cpu": 1}
+# keeps it compute-bound; every pass saved is ~1.7 ms of accumulator traffic at N=8192 (issue 17, item 8). 1920
+# (5 chunks of 384) is the most the 1 GiB working budget holds at V=151936: 2 fp32 [384, V] buffers (467 MB) + the
+# bf16 staging (583 MB) + per-row results (14 MB) = 1064 MB; 3072 rows would need 1.42 GB. CPU: one chunk per pass.
+DW_STAGE_ROWS = {"cuda": 1920, "meta": 1920, "cpu": 1}
 # torch >= 2.8 multiplies bf16/fp16 into an fp32 output on CUDA without rounding the product first.
 # (The first release with mm/addmm.dtype_out; every release since accepts an fp32 accumulator as ``self``:
 # bench/results/sm90-compile/torch_addmm_out_dtype.md.)
