@@ -56,7 +56,7 @@ class SDFTTrainer(FusedDistillationMixin, _TRLSDFTTrainer):
         config = arguments.get("args")
         if config is not None:
             skip = config.num_loss_tokens_to_skip
-            # TRL reads a negative count as 0 (nothing skipped) and fails on a float after the first rollout.
+            # TRL silently reads a negative count as 0 (nothing skipped), a fractional one as its ceiling.
             if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
                 raise ValueError(f"num_loss_tokens_to_skip must be an int >= 0, got {skip!r}")
         datasets = {"train_dataset": arguments.get("train_dataset")}
