@@ -185,8 +185,9 @@ class Sandbox:
         finally:
             if uid is not None:
                 _kill_uid(uid)
+            _remove_tree(directory)
+            if uid is not None:
                 _remove_owned_by(uid, WORLD_WRITABLE_DIRECTORIES)
-            shutil.rmtree(directory, onerror=_make_writable_and_retry)
 
     def _execute(self, directory: str, program: str, uid: int | None) -> RunResult:
         limits = self.limits
@@ -371,21 +372,26 @@ def _remove_owned_by(uid: int, directories: Sequence[str]) -> None:
                 if entry.stat(follow_symlinks=False).st_uid != uid:
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, onerror=_make_writable_and_retry)
+                    _remove_tree(entry.path)
                 else:
                     os.unlink(entry.path)
             except OSError:
                 continue
 
 
-def _make_writable_and_retry(function, path, _excinfo) -> None:
-    """``rmtree``'s error handler: a program may leave directories without write permission."""
-    try:
-        os.chmod(os.path.dirname(path), 0o700)
-        os.chmod(path, 0o700)
-        function(path)
-    except OSError:
-        pass
+def _remove_tree(root: str) -> None:
+    """``rmtree(root)``, making the run's directories writable where it left them read-only (not as root)."""
+
+    def make_writable_and_retry(function, path, error_info) -> None:
+        if isinstance(error_info[1], FileNotFoundError):  # the program removed it itself
+            return
+        with contextlib.suppress(OSError):
+            if path != root:  # never touch what holds the tree (``/tmp``)
+                os.chmod(os.path.dirname(path), 0o700)
+            os.chmod(path, 0o700)
+            function(path)
+
+    shutil.rmtree(root, onerror=make_writable_and_retry)
 
 
 def _program_interpreter(python: str | None, as_root: bool) -> str:
