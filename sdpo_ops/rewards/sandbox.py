@@ -38,8 +38,8 @@ seccomp filter, a mount namespace or a container would stop. Not as root: everyt
 the limits above. A program can also forge what it reports on the report pipe (it runs in the same process as
 the harness reporting on it): the sandbox protects the machine, not the reward from a program written to game it.
 
-Throughput (``python -m sdpo_ops.rewards.code`` on the 2-core VM shared with other jobs): see the README's
-"Rewards from executed code" section.
+Throughput (``python -m bench.code_reward_throughput``, 2-core AMD EPYC VM at load average 6-7): 8-10 programs/s
+with 2 workers; see the README's "Rewards from executed code" section.
 """
 
 from __future__ import annotations
