@@ -19,6 +19,7 @@ from triton import next_power_of_2 as triton_next_power_of_2
 
 from sdpo_ops import row_ops as torch_ops
 from sdpo_ops.kernels import row_ops as triton_ops
+from sdpo_ops.kernels.student_row_stats import _SURVIVORS_PER_K_PAD
 from sdpo_ops.reference import entropy_of, generalized_jsd
 from sdpo_ops.row_outputs import RowOutputs
 
@@ -182,7 +183,7 @@ def _survivors(row: torch.Tensor, K: int, sub: int) -> int:
 @pytest.mark.interpret
 @pytest.mark.parametrize("path", ["few survivors", "overflow: ties", "K = V", "-inf", "overflow: -inf"])
 def test_student_topk_both_pass2_paths(path):
-    # block_v=16 gives SUB=2; room for 4 * K_PAD survivors (32 at K=5), else the fallback over every candidate
+    # block_v=16 gives SUB=2; room for _SURVIVORS_PER_K_PAD * K_PAD survivors, else the fallback over every candidate
     V, K, sub = 96, 5, 2
     gen = torch.Generator().manual_seed(5)
     row = torch.randn(V, generator=gen)
@@ -194,7 +195,7 @@ def test_student_topk_both_pass2_paths(path):
         row[torch.rand(V, generator=gen) < 0.3] = -math.inf
     elif path == "overflow: -inf":  # fewer finite values than K: the threshold is -inf
         row[torch.rand(V, generator=gen) < 0.97] = -math.inf
-    overflows = _survivors(row, K, sub) > 4 * max(triton_next_power_of_2(K), 2)
+    overflows = _survivors(row, K, sub) > _SURVIVORS_PER_K_PAD * max(triton_next_power_of_2(K), 2)
     assert overflows == path.startswith("overflow"), _survivors(row, K, sub)
     logits = row[None].repeat(2, 1)
     logits[1] = logits[1].flip(0)
