@@ -16,12 +16,10 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
              >= max(K, 2)) of their packed keys: the candidates. Every top-K key lies in a candidate: an
              element e of any other block B is beaten by the max element of each of the K candidates
              (a larger value, or the same value in a lower block, hence a lower column).
-    pass 2   the survivors: the keys of the K candidate blocks at or above the K-th largest block maximum (a
-             lower bound on the K-th largest value, so every top-K key survives; ~K of the K * SUB keys on
-             typical rows), compacted GROUP blocks at a time (cumsum positions) into a per-row scratch of CAP =
-             2 * K_PAD keys; one bitonic top-K_PAD network over them. When more than CAP survive (heavy ties,
-             K past the finite entries), the network runs over every candidate key, CAP at a time, merged into
-             the running top-K_PAD (kept descending) by a bitonic half-cleaner and a log2(K_PAD)-stage merge.
+    pass 2   over the K candidate blocks only, GROUP at a time (a gathered [GROUP, SUB] tile): the top
+             K_PAD keys of the tile by a bitonic top-k network, merged into the running top-K_PAD (kept
+             descending) by one bitonic half-cleaner ``max(running, tile_ascending)`` and a
+             log2(K_PAD)-stage bitonic merge.
     target   one load of ``z[target]``.
 
 The bitonic work touches K * SUB + NB_PAD keys per row instead of V (at V=151936, K=100, SUB=128:
@@ -34,9 +32,6 @@ sm_90 with ptxas (no GPU here; estimates, not measurements) at BLOCK_V=2048, K_P
 tile loop is ~3,700 SASS instructions per thread, ~280K per row at V=151936: ~1.2 ms per 512-row chunk
 if issue-bound (~19 ms at N=8192). This two-pass form: ~300 per pass-1 tile, ~3,400 per pass-2 group
 (7 groups at K=100), ~50K per row: ~0.22 ms per 512-row chunk (the fp32 read alone is ~0.09 ms).
-Then (issue 17) the survivors' network: triton 3.7.1 SASS per thread and row at V=151936, K=100, 42,780 before
-(211 per pass-1 tile, 3,349 per pass-2 group), 47,060 with the entropy accumulator (267 per tile), ~28K after
-(~578 per compaction group, one 256-key network); 171 registers, 1 CTA per SM (bench/results/sm90-compile).
 The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
 differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
 """
@@ -59,9 +54,6 @@ _CUDA_CONFIG = (2048, 16, 8)
 _INTERPRET_CONFIG = (64, 8, 1)
 # Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
 _MAX_BLOCKS = 4096
-# Pass 2's network runs over at most this many times K_PAD survivors (else over every candidate key). 4 compiles
-# to 128 registers with 3 spill stores on sm_90 (triton 3.7.1), 2 to 171 registers without (1 CTA per SM).
-_SURVIVORS_PER_K_PAD = 2
 
 
 @triton.jit
@@ -106,21 +98,6 @@ def _pack(z, cols, N):
 
 
 @triton.jit
-def _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale, softcap_bound,
-                    HAS_SOFTCAP: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
-                    NUM_GROUPS: tl.constexpr):  # fmt: skip
-    """The packed keys of candidate group ``g`` (``GROUP`` gathered sub-blocks, ``[GROUP * SUB]``); lanes of no
-    candidate (past ``num_candidates``) or past V hold ``_PACKED_MIN``."""
-    blocks = tl.sum(tl.where(tl.arange(0, NUM_GROUPS)[:, None] == g, candidate_blocks, 0), axis=0)
-    is_candidate = g * GROUP + tl.arange(0, GROUP) < num_candidates
-    cols = blocks[:, None] * SUB + tl.arange(0, SUB)[None, :]
-    in_row = is_candidate[:, None] & (cols < V)
-    z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
-    z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
-    return tl.reshape(tl.where(in_row, _pack(z, cols, V), _PACKED_MIN), [GROUP * SUB])
-
-
-@triton.jit
 def _student_row_stats_kernel(
     logits_ptr,
     target_ids_ptr,
@@ -130,7 +107,6 @@ def _student_row_stats_kernel(
     target_logit_ptr,
     entropy_ptr,
     block_max_ptr,
-    survivors_ptr,
     V,
     K,
     num_candidates,
@@ -149,12 +125,9 @@ def _student_row_stats_kernel(
     NB_PAD: tl.constexpr,
     LOG_NB_PAD: tl.constexpr,
     GROUP: tl.constexpr,
-    FALLBACK_GROUP: tl.constexpr,
-    LOG_FALLBACK: tl.constexpr,
+    LOG_GATHER: tl.constexpr,
     K_PAD: tl.constexpr,
     LOG_K_PAD: tl.constexpr,
-    CAP: tl.constexpr,
-    LOG_CAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
@@ -203,47 +176,25 @@ def _student_row_stats_kernel(
         block_max = tl.load(block_max_ptr + pid_n * NB_PAD + offs_blocks, mask=written, other=-float("inf"))
         block_keys = _pack(block_max, offs_blocks, NB_PAD)
         candidates = _tile_topk(block_keys, LOG_NB_PAD, LOG_K_PAD, 1)
-        NUM_GROUPS: tl.constexpr = K_PAD // GROUP
-        candidate_blocks = tl.reshape((NB_PAD - 1) - (candidates & 0xFFFFFFFF), [NUM_GROUPS, GROUP])
-        num_groups = (num_candidates + GROUP - 1) // GROUP
+        candidate_blocks = tl.reshape((NB_PAD - 1) - (candidates & 0xFFFFFFFF), [K_PAD // GROUP, GROUP])
+        group_ids = tl.arange(0, K_PAD // GROUP)[:, None]
+        offs_group = tl.arange(0, GROUP)
+        offs_sub = tl.arange(0, SUB)
 
-        # pass 2a: the survivors, keys of the candidate blocks at or above the threshold, compacted (in group order)
-        # into the row's scratch. With K candidates the K-th largest block maximum is a lower bound on the K-th
-        # largest value (each candidate holds an element at least that large), so every top-K key survives; with
-        # fewer blocks than K every key does. Typically ~K survive of the K * SUB candidate keys.
-        kth_max = tl.sum(tl.where(tl.arange(0, K_PAD) == num_candidates - 1, candidates, 0), axis=0)
-        threshold = tl.where(num_candidates < K, _PACKED_MIN + 1, (kth_max >> 32) << 32)
-        count = 0
-        for g in range(0, num_groups):
-            packed = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale,
-                                     softcap_bound, HAS_SOFTCAP, SUB, GROUP, NUM_GROUPS)  # fmt: skip
-            keep = packed >= threshold
-            keep_count = keep.to(tl.int32)
-            position = count + tl.cumsum(keep_count, axis=0) - keep_count
-            tl.store(survivors_ptr + pid_n * CAP + position, packed, mask=keep & (position < CAP))
-            count += tl.sum(keep_count, axis=0)
-        tl.debug_barrier()  # the survivors were written by other threads of this program
-
-        if count <= CAP:
-            # pass 2b: one top-K_PAD network over the (at most CAP) survivors
-            offs_cap = tl.arange(0, CAP)
-            survivors = tl.load(survivors_ptr + pid_n * CAP + offs_cap, mask=offs_cap < count, other=_PACKED_MIN)
-            running = _tile_topk(survivors, LOG_CAP, LOG_K_PAD, 1)
-        else:
-            # more than CAP survivors (heavy ties at the threshold, or top values clustered in few blocks): the
-            # same network over every candidate key, CAP at a time (FALLBACK_GROUP blocks), merged into the running
-            # top-K_PAD (a network as wide as 2b's: no more registers)
-            NUM_FALLBACK_GROUPS: tl.constexpr = K_PAD // FALLBACK_GROUP
-            fallback_blocks = tl.reshape(candidate_blocks, [NUM_FALLBACK_GROUPS, FALLBACK_GROUP])
-            running = tl.full([K_PAD], _PACKED_MIN, tl.int64)
-            for g in range(0, (num_candidates + FALLBACK_GROUP - 1) // FALLBACK_GROUP):
-                packed = _candidate_keys(row_ptr, stride_logits_v, fallback_blocks, g, num_candidates, V, pre_scale,
-                                         softcap_bound, HAS_SOFTCAP, SUB, FALLBACK_GROUP,
-                                         NUM_FALLBACK_GROUPS)  # fmt: skip
-                tile_top = _tile_topk(packed, LOG_FALLBACK, LOG_K_PAD, 0)
-                # bitonic half-cleaner: running (descending) vs tile (ascending) keeps the top K_PAD of both
-                merged = tl.reshape(tl.maximum(running, tile_top), [2] * LOG_K_PAD)
-                running = tl.reshape(_bitonic_merge(merged, LOG_K_PAD, LOG_K_PAD, 1), [K_PAD])
+        # pass 2: the first num_candidates = min(K, number of blocks) candidates, GROUP blocks at a time
+        running = tl.full([K_PAD], _PACKED_MIN, tl.int64)
+        for g in range(0, (num_candidates + GROUP - 1) // GROUP):
+            blocks = tl.sum(tl.where(group_ids == g, candidate_blocks, 0), axis=0)
+            is_candidate = g * GROUP + offs_group < num_candidates
+            cols = blocks[:, None] * SUB + offs_sub[None, :]
+            in_row = is_candidate[:, None] & (cols < V)
+            z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+            z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
+            packed = tl.reshape(tl.where(in_row, _pack(z, cols, V), _PACKED_MIN), [GROUP * SUB])
+            tile_top = _tile_topk(packed, LOG_GATHER, LOG_K_PAD, 0)
+            # bitonic half-cleaner: running (descending) vs tile (ascending) keeps the top K_PAD of both
+            merged = tl.reshape(tl.maximum(running, tile_top), [2] * LOG_K_PAD)
+            running = tl.reshape(_bitonic_merge(merged, LOG_K_PAD, LOG_K_PAD, 1), [K_PAD])
 
         offs_k = tl.arange(0, K_PAD)
         index = (V - 1) - (running & 0xFFFFFFFF)
@@ -329,11 +280,8 @@ def student_row_stats(
     lse, topk_logits, topk_index, target_logit = out
     if C == 0:
         return out
-    # per-row sub-block maxima of pass 1 and survivors of pass 2 (a few KB per row each)
+    # per-row sub-block maxima of pass 1 (a few KB per row; pass 2 reads them back)
     block_max_scratch = torch.empty(C if topk > 0 else 1, nb_pad, dtype=torch.float32, device=logits.device)
-    cap = _SURVIVORS_PER_K_PAD * k_pad
-    fallback_group = min(max(cap // sub, 1), k_pad)
-    survivors_scratch = torch.empty(C if topk > 0 else 1, cap, dtype=torch.int64, device=logits.device)
 
     launch(
         _student_row_stats_kernel,
@@ -347,7 +295,6 @@ def student_row_stats(
         target_logit_ptr=target_logit,
         entropy_ptr=entropy if entropy is not None else lse,
         block_max_ptr=block_max_scratch,
-        survivors_ptr=survivors_scratch,
         V=V,
         K=topk,
         num_candidates=min(topk, num_blocks),
@@ -366,12 +313,9 @@ def student_row_stats(
         NB_PAD=nb_pad,
         LOG_NB_PAD=nb_pad.bit_length() - 1,
         GROUP=group,
-        FALLBACK_GROUP=fallback_group,
-        LOG_FALLBACK=(fallback_group * sub).bit_length() - 1,
+        LOG_GATHER=(group * sub).bit_length() - 1,
         K_PAD=k_pad,
         LOG_K_PAD=k_pad.bit_length() - 1,
-        CAP=cap,
-        LOG_CAP=cap.bit_length() - 1,
         num_warps=num_warps,
     )
     return out
