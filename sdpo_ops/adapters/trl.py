@@ -13,7 +13,9 @@ positions and their lm_head weights, never from ``[B, T, V]`` logits:
   ``old_per_token_logps`` when ``distillation_is_clip`` is set;
 - ``"sampled_token"``: TRL's token-level reverse KL from the fused call's target log-probs (student with
   gradient, teacher detached);
-- ``distillation_weight < 1``: TRL's clipped policy loss on the same call's target log-probs.
+- ``distillation_weight < 1``: TRL's clipped policy loss on the same call's target log-probs;
+- ``sample_routing=True`` (our option, SRPO's routing: :mod:`sdpo_ops.adapters.routing`): successful samples take
+  that policy loss, failed ones with a teacher signal the distillation loss, over one joint token mean.
 
 TRL's aggregation is kept exactly: per-sequence token mean, then the mean over sequences, divided by the
 gradient-accumulation steps (``num_items_in_batch`` is ignored, as TRL does). The rollout log-probs
@@ -71,6 +73,7 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,7 +83,7 @@ try:
     import trl
     from accelerate.utils import is_peft_model
     from packaging.version import Version
-    from trl.experimental.sdpo import SDPOConfig
+    from trl.experimental.sdpo import SDPOConfig as _TRLSDPOConfig
     from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer as _TRLSDPOTrainer
     from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder
     from trl.experimental.sdpo.teacher_sync import PEFTAdapterEMACallback
@@ -109,8 +112,23 @@ from sdpo_ops.adapters.heads import (
     refuse_unreproduced_logits,
     shared_logit_transform,
 )
+from sdpo_ops.adapters.routing import clipped_policy_loss_per_token, distillation_route, routed_loss
 
 __all__ = ["SDPOConfig", "SDPOTrainer"]
+
+
+@dataclass
+class SDPOConfig(_TRLSDPOConfig):
+    """TRL's ``SDPOConfig`` plus ``sample_routing`` (SRPO, arXiv:2604.02288; :mod:`sdpo_ops.adapters.routing`)."""
+
+    sample_routing: bool = field(
+        default=False,
+        metadata={
+            "help": "Route each sample to one loss: successful ones (reward >= success_reward_threshold) take "
+            "the clipped policy loss, failed ones with a teacher signal the distillation loss, over one joint token "
+            "mean. Replaces the blend: requires distillation_weight=1.0."
+        },
+    )
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
@@ -288,6 +306,14 @@ def _validate_config(args: SDPOConfig) -> None:
             UserWarning,
             stacklevel=3,
         )
+    if getattr(args, "sample_routing", False):
+        if args.distillation_weight != 1.0:
+            raise ValueError(
+                "sample_routing replaces the blend (each sample takes one loss): set distillation_weight=1.0, got "
+                f"{args.distillation_weight}"
+            )
+        if args.use_teacher_server:
+            raise ValueError("sample_routing is not supported with use_teacher_server=True")
 
 
 def _validate_topk(topk: Any, vocab_size: int | None) -> None:
@@ -664,6 +690,9 @@ class SDPOTrainer(_TRLSDPOTrainer):
             and inputs.get("old_per_token_logps") is not None
         )
         student = self.accelerator.unwrap_model(model)
+        if getattr(self.args, "sample_routing", False):
+            loss = self._routed_loss(model, student, inputs, with_is)
+            return loss / (self.current_gradient_accumulation_steps if self.model.training else 1.0)
         # Only the divergence needs a gradient: let the fused call reduce (cheaper backward).
         reduce = weight == 1.0 and self.args.distillation_mode != "sampled_token"
         result = self._forward_redirection(
@@ -760,8 +789,36 @@ class SDPOTrainer(_TRLSDPOTrainer):
             )
         return _fused_result(output, None if sampled_token else output.loss, output.per_token_loss, loss_mask, device)
 
+    def _routed_loss(self, model, student: nn.Module, inputs: dict[str, Any], with_is: bool) -> Tensor:
+        """``sample_routing``: one fused call whose mask keeps the failed samples with a teacher signal; the policy
+        loss of the others from the same call's target log-probs; :func:`routed_loss` joins them."""
+        successful = inputs["rewards"] >= self.args.success_reward_threshold
+        has_teacher = inputs.get("self_distillation_mask")
+        has_teacher = torch.ones_like(successful) if has_teacher is None else has_teacher
+        to_distillation = distillation_route(successful, has_teacher)
+        routed_inputs = {**inputs, "self_distillation_mask": to_distillation}
+        result = self._forward_redirection(
+            model, student, self._fused_forward, student, routed_inputs, with_teacher=True, with_is=with_is
+        )
+        completion_mask = inputs["completion_mask"].to(result["loss_mask"].device)
+        distillation = self._distillation_per_token_loss(model, result)
+        policy = self._policy_per_token_loss(inputs, result["target_logprobs"])
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["self_distillation/routed_to_distillation_fraction"].append(
+            self.accelerator.gather(to_distillation.mean()).mean().item()
+        )
+        return routed_loss(policy, distillation, completion_mask, to_distillation.to(completion_mask.device))
+
     def _distillation_loss(self, model, result: dict[str, Tensor]) -> Tensor:
         """TRL's aggregation of the per-token divergence: token mean per sequence, mean over sequences."""
+        per_token_loss = self._distillation_per_token_loss(model, result)
+        loss = result.get("reduced_loss")
+        if loss is None:
+            loss = (per_token_loss.sum(-1) / result["loss_mask"].sum(-1).clamp(min=1.0)).mean()
+        return loss
+
+    def _distillation_per_token_loss(self, model, result: dict[str, Tensor]) -> Tensor:
+        """The masked per-token divergence (IS weight applied) of a fused call's result; logs TRL's metrics."""
         loss_mask = result["loss_mask"]
         if self.args.distillation_mode == "sampled_token":
             student_logprobs = result["target_logprobs"]
@@ -772,9 +829,6 @@ class SDPOTrainer(_TRLSDPOTrainer):
             per_token_loss = per_token_loss * loss_mask
         else:
             per_token_loss = result["per_token_loss"]  # mask and IS weight already applied
-        loss = result.get("reduced_loss")
-        if loss is None:
-            loss = (per_token_loss.sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
 
         mode = "train" if model.training else "eval"
         mean_distill_loss = per_token_loss.detach().sum() / loss_mask.sum().clamp(min=1.0)
@@ -786,7 +840,7 @@ class SDPOTrainer(_TRLSDPOTrainer):
             self._log_masked_mean(mode, "self_distillation/is_clipped_fraction", clipped, loss_mask)
         if self.args.distillation_mode == "topk_logits":
             self._log_masked_mean(mode, "self_distillation/topk_mass_mean", result["topk_mass"], loss_mask)
-        return loss
+        return per_token_loss
 
     def _log_masked_mean(self, mode: str, key: str, values: Tensor, mask: Tensor) -> None:
         """Log the mean of ``values`` over the masked tokens of every process (nothing when none is masked in)."""
@@ -795,22 +849,24 @@ class SDPOTrainer(_TRLSDPOTrainer):
         if count > 0:
             self._metrics[mode][key].append(total / count)
 
+    def _policy_per_token_loss(self, inputs: dict[str, Any], per_token_logps: Tensor) -> Tensor:
+        """TRL's unmasked per-token clipped policy loss (``_compute_policy_loss``) on log-probs."""
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        return clipped_policy_loss_per_token(
+            per_token_logps,
+            old_per_token_logps.to(per_token_logps.device),
+            inputs["advantages"].to(per_token_logps.device),
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            completion_mask=inputs["completion_mask"].to(per_token_logps.device),
+            sequence_level=self.importance_sampling_level == "sequence",
+        )
+
     def _policy_loss(self, inputs: dict[str, Any], per_token_logps: Tensor) -> Tensor:
         """TRL's clipped policy loss (``_compute_policy_loss``) on log-probs instead of logits."""
         completion_mask = inputs["completion_mask"].to(per_token_logps.device)
-        old_per_token_logps = inputs.get("old_per_token_logps")
-        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-        advantages = inputs["advantages"]
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(1)
-        log_ratio = per_token_logps - old_per_token_logps
-        if self.importance_sampling_level == "sequence":
-            log_ratio = (log_ratio * completion_mask).sum(-1, keepdim=True) / completion_mask.sum(
-                -1, keepdim=True
-            ).clamp(min=1.0)
-        coef_1 = torch.exp(log_ratio)
-        coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        per_token_loss = self._policy_per_token_loss(inputs, per_token_logps)
 
         if self.loss_type == "grpo":
             loss = (per_token_loss * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)
