@@ -119,6 +119,14 @@ def test_sdpo_step_routing_matches_reference(options):
     for name, grad in expected_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=2e-4, atol=2e-6, msg=name)
     assert result.metrics["routed_to_distillation_fraction"].item() == pytest.approx(0.5)
+    # sdpo_step returns the student's entropy (full vocabulary, at the temperature) over the distilled tokens.
+    log_p = torch.log_softmax(student_logits.detach() / temperature, -1)
+    distilled_tokens = completion_mask * route[:, None]
+    entropy = -(log_p.exp() * log_p).sum(-1) * distilled_tokens
+    torch.testing.assert_close(result.output.entropy, entropy, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        result.metrics["entropy_mean"], entropy.sum() / distilled_tokens.sum(), rtol=1e-4, atol=1e-6
+    )
     # Both parts contribute: neither the policy nor the distillation side is empty or zero.
     assert distilled.item() > 0 and abs(policy_sum.item()) > 0
     assert ((ratio - 1).abs() > 0.2).any(), "no ratio reaches the clip range: the clipping would go untested"

@@ -110,6 +110,12 @@ def test_routed_loss_matches_oracle(tmp_path):
         torch.testing.assert_close(got[name], grad, rtol=2e-4, atol=2e-6, msg=name)
     # The successes of group 1 carry a positive advantage: the policy side is not empty.
     assert (inputs["advantages"][:2] > 0).all() and distilled.item() > 0
+    # GRPOTrainer's "entropy": the student's full-vocabulary entropy at the temperature, over the distilled tokens.
+    log_p = torch.log_softmax(student_logits.detach() / 0.8, -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    distilled_tokens = completion_mask * route[:, None]
+    expected_entropy = ((entropy * distilled_tokens).sum() / distilled_tokens.sum()).item()
+    assert trainer._metrics["eval"]["entropy"] == [pytest.approx(expected_entropy, rel=1e-5)]
     logged = trainer._metrics["eval"]["self_distillation/routed_to_distillation_fraction"]
     assert logged == [pytest.approx(3 / 8)]
 

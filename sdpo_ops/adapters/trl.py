@@ -159,6 +159,7 @@ def _fused_result(output, reduced_loss, per_token_loss, loss_mask: Tensor, devic
         "per_token_loss": per_token_loss,
         "target_logprobs": output.target_logprobs,
         "topk_mass": output.topk_mass,
+        "entropy": output.entropy,
         "loss_mask": loss_mask.to(device),
     }
     if output.is_weight is not None:
@@ -840,6 +841,8 @@ class SDPOTrainer(_TRLSDPOTrainer):
             self._log_masked_mean(mode, "self_distillation/is_clipped_fraction", clipped, loss_mask)
         if self.args.distillation_mode == "topk_logits":
             self._log_masked_mean(mode, "self_distillation/topk_mass_mean", result["topk_mass"], loss_mask)
+        # GRPOTrainer's metric name; here over the distilled tokens (the fused call's mask), GRPO's is over all.
+        self._log_masked_mean(mode, "entropy", result["entropy"], loss_mask)
         return per_token_loss
 
     def _log_masked_mean(self, mode: str, key: str, values: Tensor, mask: Tensor) -> None:
