@@ -29,7 +29,7 @@ class RecordingReward:
 def _expected_signal(scores, notes):
     """SDPO's rule, written out: another success in the group, else feedback."""
     signal = []
-    for i, (score, note) in enumerate(zip(scores, notes, strict=True)):
+    for i, note in enumerate(notes):
         group = range(i // GROUP * GROUP, (i // GROUP + 1) * GROUP)
         sibling = any(scores[j] >= 0.5 for j in group if j != i)
         signal.append(sibling or note is not None)
