@@ -17,7 +17,9 @@ positions and their lm_head weights, never from ``[B, T, V]`` logits:
   ``old_per_token_logps`` when ``distillation_is_clip`` is set;
 - ``"sampled_token"``: TRL's token-level reverse KL from the fused call's target log-probs (student with
   gradient, teacher detached);
-- ``distillation_weight < 1``: TRL's clipped policy loss on the same call's target log-probs.
+- ``distillation_weight < 1``: TRL's clipped policy loss on the same call's target log-probs;
+- ``sample_routing=True`` (our option, SRPO's routing: :mod:`sdpo_ops.adapters.routing`): successful samples take
+  that policy loss, failed ones with a teacher signal the distillation loss, over one joint token mean.
 
 TRL's aggregation is kept exactly: per-sequence token mean, then the mean over sequences, divided by the
 gradient-accumulation steps (``num_items_in_batch`` is ignored, as TRL does). The rollout log-probs
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -80,7 +83,7 @@ from torch import Tensor, nn
 try:
     import trl
     from packaging.version import Version
-    from trl.experimental.sdpo import SDPOConfig
+    from trl.experimental.sdpo import SDPOConfig as _TRLSDPOConfig
     from trl.experimental.sdpo.sdpo_trainer import SDPOTrainer as _TRLSDPOTrainer
     from trl.experimental.sdpo.sdpo_trainer import SuccessfulRolloutTeacherContextBuilder
     from trl.experimental.sdpo.teacher_sync import PEFTAdapterEMACallback
@@ -95,10 +98,25 @@ if Version(trl.__version__) < Version("1.16"):  # pragma: no cover
     )
 
 from sdpo_ops.adapters.feedback import split_scores_and_feedback
+from sdpo_ops.adapters.routing import clipped_policy_loss_per_token, distillation_route, routed_loss
 from sdpo_ops.adapters.trl_fused import FusedDistillationMixin
 from sdpo_ops.adapters.trl_sdft import SDFTConfig, SDFTTrainer
 
 __all__ = ["SDFTConfig", "SDFTTrainer", "SDPOConfig", "SDPOTrainer"]
+
+
+@dataclass
+class SDPOConfig(_TRLSDPOConfig):
+    """TRL's ``SDPOConfig`` plus ``sample_routing`` (SRPO, arXiv:2604.02288; :mod:`sdpo_ops.adapters.routing`)."""
+
+    sample_routing: bool = field(
+        default=False,
+        metadata={
+            "help": "Route each sample to one loss: successful ones (reward >= success_reward_threshold) take "
+            "the clipped policy loss, failed ones with a teacher signal the distillation loss, over one joint token "
+            "mean. Replaces the blend: requires distillation_weight=1.0."
+        },
+    )
 
 
 class _FeedbackRoutingContextBuilder(SuccessfulRolloutTeacherContextBuilder):
@@ -155,6 +173,17 @@ class SDPOTrainer(FusedDistillationMixin, _TRLSDPOTrainer):
     # Same parameters as TRL's constructor, for help() and IDEs (the body forwards them untouched).
     __init__.__signature__ = inspect.signature(_TRLSDPOTrainer.__init__)
 
+    def _validate_trainer_arguments(self, arguments: dict[str, Any]) -> None:
+        args = arguments.get("args")
+        if args is not None and getattr(args, "sample_routing", False):
+            if args.distillation_weight != 1.0:
+                raise ValueError(
+                    "sample_routing replaces the blend (each sample takes one loss): set distillation_weight=1.0, "
+                    f"got {args.distillation_weight}"
+                )
+            if args.use_teacher_server:
+                raise ValueError("sample_routing is not supported with use_teacher_server=True")
+
     def _distillation_mask(self, inputs: dict[str, Any]) -> Tensor:
         """TRL's SDPO ``loss_mask``: the completion tokens of samples with a teacher signal."""
         loss_mask = inputs["completion_mask"].float()
@@ -191,6 +220,8 @@ class SDPOTrainer(FusedDistillationMixin, _TRLSDPOTrainer):
     def _local_teacher_loss(self, model, inputs: dict[str, Any]) -> Tensor:
         """TRL's blend: ``(1 - w) * policy loss + w * distillation loss`` (``w = distillation_weight``), both from
         one fused call (the policy loss from its target log-probs)."""
+        if getattr(self.args, "sample_routing", False):
+            return self._routed_loss(model, inputs)
         weight = self.args.distillation_weight
         if weight == 1.0:
             return super()._local_teacher_loss(model, inputs)
@@ -201,22 +232,43 @@ class SDPOTrainer(FusedDistillationMixin, _TRLSDPOTrainer):
         distillation_loss = self._distillation_loss(model, result)
         return (1 - weight) * policy_loss + weight * distillation_loss
 
+    def _routed_loss(self, model, inputs: dict[str, Any]) -> Tensor:
+        """``sample_routing``: one fused call whose mask keeps the failed samples with a teacher signal; the policy
+        loss of the others from the same call's target log-probs; :func:`routed_loss` joins them."""
+        successful = inputs["rewards"] >= self.args.success_reward_threshold
+        has_teacher = inputs.get("self_distillation_mask")
+        has_teacher = torch.ones_like(successful) if has_teacher is None else has_teacher
+        to_distillation = distillation_route(successful, has_teacher)
+        result = self._fused_call(
+            model, {**inputs, "self_distillation_mask": to_distillation}, with_teacher=True, reduce=False
+        )
+        completion_mask = inputs["completion_mask"].to(result["loss_mask"].device)
+        distillation = self._distillation_per_token_loss(model, result)
+        policy = self._policy_per_token_loss(inputs, result["target_logprobs"])
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["self_distillation/routed_to_distillation_fraction"].append(
+            self.accelerator.gather(to_distillation.mean()).mean().item()
+        )
+        return routed_loss(policy, distillation, completion_mask, to_distillation.to(completion_mask.device))
+
+    def _policy_per_token_loss(self, inputs: dict[str, Any], per_token_logps: Tensor) -> Tensor:
+        """TRL's unmasked per-token clipped policy loss (``_compute_policy_loss``) on log-probs."""
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+        return clipped_policy_loss_per_token(
+            per_token_logps,
+            old_per_token_logps.to(per_token_logps.device),
+            inputs["advantages"].to(per_token_logps.device),
+            epsilon_low=self.epsilon_low,
+            epsilon_high=self.epsilon_high,
+            completion_mask=inputs["completion_mask"].to(per_token_logps.device),
+            sequence_level=self.importance_sampling_level == "sequence",
+        )
+
     def _policy_loss(self, inputs: dict[str, Any], per_token_logps: Tensor) -> Tensor:
         """TRL's clipped policy loss (``_compute_policy_loss``) on log-probs instead of logits."""
         completion_mask = inputs["completion_mask"].to(per_token_logps.device)
-        old_per_token_logps = inputs.get("old_per_token_logps")
-        old_per_token_logps = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-        advantages = inputs["advantages"]
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(1)
-        log_ratio = per_token_logps - old_per_token_logps
-        if self.importance_sampling_level == "sequence":
-            log_ratio = (log_ratio * completion_mask).sum(-1, keepdim=True) / completion_mask.sum(
-                -1, keepdim=True
-            ).clamp(min=1.0)
-        coef_1 = torch.exp(log_ratio)
-        coef_2 = torch.clamp(coef_1, 1 - self.epsilon_low, 1 + self.epsilon_high)
-        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        per_token_loss = self._policy_per_token_loss(inputs, per_token_logps)
 
         if self.loss_type == "grpo":
             loss = (per_token_loss * completion_mask).sum(-1) / completion_mask.sum(-1).clamp(min=1.0)

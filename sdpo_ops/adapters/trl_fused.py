@@ -93,6 +93,7 @@ def _fused_result(output, reduced_loss, per_token_loss, loss_mask: Tensor, devic
         "per_token_loss": per_token_loss,
         "target_logprobs": output.target_logprobs,
         "topk_mass": output.topk_mass,
+        "entropy": output.entropy,
         "loss_mask": loss_mask.to(device),
     }
     if output.is_weight is not None:
@@ -664,6 +665,14 @@ class FusedDistillationMixin:
 
     def _distillation_loss(self, model, result: dict[str, Tensor]) -> Tensor:
         """TRL's aggregation of the per-token divergence: token mean per sequence, mean over sequences."""
+        per_token_loss = self._distillation_per_token_loss(model, result)
+        loss = result.get("reduced_loss")
+        if loss is None:
+            loss = (per_token_loss.sum(-1) / result["loss_mask"].sum(-1).clamp(min=1.0)).mean()
+        return loss
+
+    def _distillation_per_token_loss(self, model, result: dict[str, Tensor]) -> Tensor:
+        """The masked per-token divergence (IS weight applied) of a fused call's result; logs TRL's metrics."""
         loss_mask = result["loss_mask"]
         if self.args.distillation_mode == "sampled_token":
             student_logprobs = result["target_logprobs"]
@@ -674,9 +683,6 @@ class FusedDistillationMixin:
             per_token_loss = per_token_loss * loss_mask
         else:
             per_token_loss = result["per_token_loss"]  # mask and IS weight already applied
-        loss = result.get("reduced_loss")
-        if loss is None:
-            loss = (per_token_loss.sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
 
         mode = "train" if model.training else "eval"
         mean_distill_loss = per_token_loss.detach().sum() / loss_mask.sum().clamp(min=1.0)
@@ -688,7 +694,10 @@ class FusedDistillationMixin:
             self._log_masked_mean(mode, "self_distillation/is_clipped_fraction", clipped, loss_mask)
         if self.args.distillation_mode == "topk_logits":
             self._log_masked_mean(mode, "self_distillation/topk_mass_mean", result["topk_mass"], loss_mask)
-        return loss
+        if result.get("entropy") is not None:
+            # GRPOTrainer's metric name; here over the distilled tokens (the fused call's mask), GRPO's is over all.
+            self._log_masked_mean(mode, "entropy", result["entropy"], loss_mask)
+        return per_token_loss
 
     def _log_masked_mean(self, mode: str, key: str, values: Tensor, mask: Tensor) -> None:
         """Log the mean of ``values`` over the masked tokens of every process (nothing when none is masked in)."""
