@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 
-.PHONY: help venv install-test install-demo install-bench test test-fast demo demo-compare demo-ttsd bench gpu-check lint clean
+.PHONY: help venv install-test install-demo install-bench test test-fast demo demo-compare demo-ttsd bench gpu-check gpu-smoke lint clean
 
 help:
 	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO (blended with GRPO) on CPU (the main job)"
 	@echo "make test   - set up .venv and run the whole test suite"
 	@echo "make bench  - run the benchmark suite and write bench/results/<machine>/"
+	@echo "make gpu-smoke PY=python3 - on a CUDA machine, first: <= 8 min of probes, GPU tests, stage/GEMM timings"
 	@echo "make gpu-check PY=python3 - on a CUDA machine: GPU tests, acceptance targets, GPU bench profile"
 
 $(PY):
@@ -60,6 +61,11 @@ demo-ttsd: $(VENV)/.demo
 
 bench: $(VENV)/.bench
 	$(PY) -m pytest bench --benchmark-only $(BENCH_ARGS)
+
+# Run first on any GPU: at most 8 minutes on an H100 by construction (each step under a hard cap; the steps and
+# their expected times: bench/gpu_smoke.py's docstring). Needs torch and triton only (no trl/liger).
+gpu-smoke:
+	$(PY) -m bench.gpu_smoke
 
 # Everything only a GPU can show, in one command (an environment with torch, triton, trl already set up:
 # pass its interpreter as PY). Results land in bench/results/<gpu-name>/.

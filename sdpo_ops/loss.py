@@ -6,7 +6,10 @@ Backends share one contract (SPEC section 3):
   under ``TRITON_INTERPRET=1``);
 - ``"torch"``: the same Function with the torch row stages: any device, the CPU default;
 - ``"reference"``: the naive materialising oracle (``sdpo_ops.reference``);
-- ``"auto"``: ``"triton"`` for CUDA tensors (``topk <= 256``), ``"torch"`` otherwise.
+- ``"auto"``: ``"triton"`` for CUDA tensors (``topk <= 256``, not fp64), ``"torch"`` otherwise.
+
+Which of them ``"auto"`` takes, like every other device-dependent choice, is the device policy's
+(``sdpo_ops.device_policy``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import torch
 from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
-from sdpo_ops.chunked import ChunkedSDPOFunction, FusedOptions, accumulation_dtype, default_chunk_size
+from sdpo_ops.chunked import ChunkedSDPOFunction, FusedOptions, accumulation_dtype
+from sdpo_ops.device_policy import DevicePolicy, policy_for
 from sdpo_ops.reference import sdpo_loss_reference, sdpo_loss_reference_from_logits
 
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "none")
@@ -186,7 +190,7 @@ def _reduction_coefficients(mask: Tensor, reduction: str, normalizer) -> Tensor:
     if reduction == "token-mean":
         denominator = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
         return mask / denominator
-    per_sequence = mask.reshape(-1, mask.shape[-1])
+    per_sequence = mask.reshape(mask.shape[:-1].numel(), mask.shape[-1])  # [N] is one sequence; B or T may be 0
     if reduction == "seq-mean-token-mean":
         per_sequence = per_sequence / per_sequence.sum(-1, keepdim=True).clamp(min=1.0)
     denominator = per_sequence.shape[0] if normalizer is None else normalizer
@@ -209,6 +213,21 @@ def _metrics(is_weight: Tensor | None, is_clip, topk_mass: Tensor, entropy: Tens
         "topk_mass_mean": _masked_mean(topk_mass.float(), mask).detach(),
         "entropy_mean": _masked_mean(entropy.float(), mask).detach(),
     }
+
+
+def _fused_backend(backend: str, policy: DevicePolicy, dtype: torch.dtype, topk: int | None) -> str:
+    """``"auto"`` resolved; ``"triton"`` refused for what its kernels cannot compute (fp64, a top-K over 256)."""
+    fits_triton = dtype != torch.float64 and (topk is None or topk <= TRITON_MAX_TOPK)
+    if backend == "auto":
+        return "triton" if policy.triton_by_default and fits_triton else "torch"
+    if backend == "triton" and dtype == torch.float64:
+        raise ValueError(
+            "backend='triton' computes in fp32 inside, the inputs are torch.float64: use backend='torch' (or 'auto'), "
+            "which computes in fp64"
+        )
+    if backend == "triton" and topk is not None and topk > TRITON_MAX_TOPK:
+        raise ValueError(f"topk={topk} exceeds the Triton kernels' maximum {TRITON_MAX_TOPK}: use backend='torch'")
+    return backend
 
 
 def _triton_row_ops(device: torch.device):
@@ -322,9 +341,9 @@ def sdpo_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    if backend == "auto":
-        fits_triton = topk is None or topk <= TRITON_MAX_TOPK
-        backend = "triton" if device.type == "cuda" and fits_triton else "torch"
+    policy = policy_for(device)
+    if backend != "reference":
+        backend = _fused_backend(backend, policy, student_hidden.dtype, topk)
     if backend == "reference":
         result = sdpo_loss_reference(
             student_hidden,
@@ -349,8 +368,6 @@ def sdpo_loss(
         )
         return _package(result, return_outputs, target_ids, is_clip, float_mask)
 
-    if backend == "triton" and topk is not None and topk > TRITON_MAX_TOPK:
-        raise ValueError(f"topk={topk} exceeds the Triton kernels' maximum {TRITON_MAX_TOPK}: use backend='torch'")
     row_ops = _triton_row_ops(device) if backend == "triton" else torch_row_ops
     num_tokens = leading_shape.numel()
     # A scalar loss has a scalar upstream gradient: the Function folds the reduction into per-token
@@ -364,15 +381,16 @@ def sdpo_loss(
         is_clip=None if is_clip is None else float(is_clip),
         temperature=float(temperature),
         grad_in_forward=grad_in_forward,
-        chunk_size=chunk_size or default_chunk_size(num_tokens, vocab, device),
+        chunk_size=chunk_size or policy.chunk_rows(num_tokens, vocab, student_hidden.shape[-1]),
         logit_scale=float(logit_scale),
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
+        policy=policy,
     )
     fused = ChunkedSDPOFunction.apply(
-        student_hidden.reshape(num_tokens, -1),
+        student_hidden.reshape(num_tokens, student_hidden.shape[-1]),
         student_weight,
         student_bias,
-        teacher_hidden.detach().reshape(num_tokens, -1),
+        teacher_hidden.detach().reshape(num_tokens, teacher_hidden.shape[-1]),
         teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
         None if target_ids is None else target_ids.reshape(-1).long(),

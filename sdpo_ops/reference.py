@@ -144,7 +144,9 @@ def reduce_per_token_loss(
     if reduction == "token-mean":
         denominator = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
         return per_token.sum() / denominator
-    per_sequence_loss = per_token.reshape(-1, per_token.shape[-1]) if per_token.dim() > 0 else per_token.reshape(1, 1)
+    # [B, T] or one sequence [N] (explicit sizes: T or N may be 0); a 0-dim loss is one sequence of one token
+    rows = per_token.shape[:-1].numel()
+    per_sequence_loss = per_token.reshape(rows, per_token.shape[-1]) if per_token.dim() > 0 else per_token.reshape(1, 1)
     per_sequence_mask = mask.reshape(per_sequence_loss.shape)
     per_sequence = per_sequence_loss.sum(-1)
     if reduction == "seq-mean-token-mean":

@@ -8,7 +8,7 @@ module form, the logits entry point, the metrics, and the memory bound (no ``[N,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -18,7 +18,8 @@ from tolerances import ELEMENTWISE
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from sdpo_ops import SDPOLoss, SDPOOutput, chunked, sdpo_loss, sdpo_loss_from_logits
+from sdpo_ops import SDPOLoss, SDPOOutput, sdpo_loss, sdpo_loss_from_logits
+from sdpo_ops.device_policy import CPU_POLICY, use_policy
 
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "none")
 
@@ -476,20 +477,21 @@ def test_second_backward_of_a_retained_graph_recomputes_what_the_first_handed_ov
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
-def test_dz_staged_over_several_chunks_per_dw_pass(backend, monkeypatch):
-    # CUDA stages >= 1536 rows (several chunks) per dW pass, CPU one chunk: make the CPU stage 3 chunks of 2 rows,
+def test_dz_staged_over_several_chunks_per_dw_pass(backend):
+    # CUDA stages >= 1920 rows (several chunks) per dW pass, CPU one chunk: make the CPU stage 3 chunks of 2 rows,
     # with a last, partial pass, so the staging that runs on GPUs is checked against the reference here
-    monkeypatch.setitem(chunked.DW_STAGE_ROWS, "cpu", 5)
+    policy = replace(CPU_POLICY, dw_stage_rows=5)
     hidden, weight, teacher_hidden, teacher_weight, target_ids = _small_inputs(seed=7, shape=(9,))
     bias = torch.randn(weight.shape[0])
     grads = {}
     for name in (backend, "reference"):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        loss = sdpo_loss(leaves[0], leaves[1], teacher_hidden, teacher_weight, student_bias=leaves[2],
-                         target_ids=target_ids, topk=4, backend=name, chunk_size=2)  # fmt: skip
+        with use_policy(policy):
+            loss = sdpo_loss(leaves[0], leaves[1], teacher_hidden, teacher_weight, student_bias=leaves[2],
+                             target_ids=target_ids, topk=4, backend=name, chunk_size=2)  # fmt: skip
         loss.backward()
         grads[name] = [leaf.grad for leaf in leaves]
-    assert chunked.stage_rows_for(chunked.FusedOptions(4, True, 0.5, 2.0, 1.0, 2, True), 9, hidden.device) == 6
+    assert policy.stage_rows(2, 9) == 6
     for actual, expected in zip(grads[backend], grads["reference"], strict=True):
         torch.testing.assert_close(actual, expected, **ELEMENTWISE[torch.float32])
 

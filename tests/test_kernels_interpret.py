@@ -124,6 +124,20 @@ def test_student_row_stats_prefers_lower_column_on_ties_and_sorts_descending():
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("block_v", [2, 16])
+def test_student_row_stats_ties_between_signed_zeros_follow_the_lower_column(block_v):
+    # -0.0 == +0.0: a tie, so the lower column wins, whichever of them carries the sign (issue 17, item 9); with
+    # block_v=2 the zeros are the maxima of different sub-blocks, so the block selection meets the tie as well
+    for first, second in ((0.0, -0.0), (-0.0, 0.0)):
+        logits = torch.tensor([[-3.0, first, -1.0, second, -2.0, -5.0]])
+        _, topk_logits, topk_index, _ = triton_ops.student_row_stats(logits, 1, None, block_v=block_v)
+        assert topk_index.tolist() == [[1]], (first, second)
+        assert topk_logits.tolist() == [[0.0]]
+        _, _, topk_index, _ = triton_ops.student_row_stats(logits, 2, None, block_v=block_v)
+        assert topk_index.tolist() == [[1, 3]], (first, second)
+
+
+@pytest.mark.interpret
 def test_student_row_stats_without_target_strided_and_all_masked_row():
     buffer = _hard_logits(3, 40, seed=7)
     buffer[2] = -math.inf  # a fully masked row: lse -inf like torch, top-K still K distinct columns

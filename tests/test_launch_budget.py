@@ -34,7 +34,7 @@ def _inputs(**options):
     }
 
 
-CHUNKS = -(-N // default_chunk_size(N, V, torch.device("meta")))
+CHUNKS = -(-N // default_chunk_size(N, V, H, torch.device("meta")))
 MODES = {
     "top-K, scalar reduction": ({"topk": 100}, None),
     "top-K 256, no tail, reverse KL": ({"topk": 256, "add_tail": False, "alpha": 1.0}, None),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -25,9 +25,9 @@ from trl.experimental.sdpo.loss_utils import add_tail_bucket, apply_importance_s
 from trl.trainer.utils import entropy_from_logits
 
 from bench.trace import trace
-from sdpo_ops import chunked as chunked_module
-from sdpo_ops import sdpo_loss, sdpo_loss_from_teacher_topk
+from sdpo_ops import device_policy, sdpo_loss, sdpo_loss_from_teacher_topk
 from sdpo_ops.chunked import default_chunk_size
+from sdpo_ops.device_policy import CPU_POLICY, CUDA_POLICY
 
 FP64, FP32 = ELEMENTWISE[torch.float64], ELEMENTWISE[torch.float32]
 ROWS_PER_CHUNK = 3
@@ -42,7 +42,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setitem(chunked_module.CHUNK_BYTES, "cpu", ROWS_PER_CHUNK * 4 * VOCAB)
+    monkeypatch.setattr(device_policy, "CPU_POLICY", replace(CPU_POLICY, chunk_bytes=ROWS_PER_CHUNK * 4 * VOCAB))
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
@@ -462,9 +462,9 @@ def _meta_call(weight_dtype=torch.bfloat16, num_tokens=N, **options):
 
 def test_meta_trace_one_chunk_buffer_three_kernels_three_gemms():
     traced = trace(_meta_call())
-    chunk = default_chunk_size(N, V, torch.device("meta"))
+    chunk = default_chunk_size(N, V, H, torch.device("meta"))
     chunks = -(-N // chunk)
-    stage_rows = -(-chunked_module.DW_STAGE_ROWS["meta"] // chunk) * chunk
+    stage_rows = -(-CUDA_POLICY.dw_stage_rows // chunk) * chunk
     # one fp32 [C, V] buffer (no teacher buffer), the dZ staging, per-row results and the sanitised teacher inputs
     working = chunk * V * 4 + stage_rows * V * 2 + N * K * (8 + 4 + 4) + N * 12 * 4
     gradients = V * H * 4 + N * H * 2  # fp32 dW accumulator, bf16 dH

@@ -52,7 +52,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from trl.models.utils import _ForwardRedirection
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from sdpo_ops import sdpo_loss, sdpo_loss_from_teacher_topk
+from sdpo_ops import sdpo_loss, sdpo_loss_from_teacher_topk, validate_teacher_topk
 from sdpo_ops.adapters import trl_teacher
 from sdpo_ops.adapters.heads import (
     HEAD_CHECK_SEED,
@@ -607,8 +607,12 @@ class FusedDistillationMixin:
             torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
         )
         loss_mask = self._distillation_mask(inputs)
-        teacher = self._get_teacher_token_logprobs_from_server(inputs, completion_ids.size(1))
-        required = loss_mask.bool()
+        # TRL builds the server's answer on the request ids' device: give it host ids (it lists them anyway), so the
+        # answer stays on the host, where it is validated for free before it moves (no sync inside the loss).
+        host_ids = {key: inputs[key].cpu() for key in ("teacher_input_ids", "teacher_attention_mask")}
+        teacher = self._get_teacher_token_logprobs_from_server({**inputs, **host_ids}, completion_ids.size(1))
+        teacher["loss_mask"] = loss_mask.cpu()  # before the student's forward is queued: waits for nothing new
+        required = teacher["loss_mask"].bool()
         if (required & ~torch.isfinite(teacher["actual_logprobs"])).any():
             raise ValueError("Teacher server returned no logprob for a required completion token.")
         student = self.accelerator.unwrap_model(model)
@@ -642,11 +646,13 @@ class FusedDistillationMixin:
             torch.autocast(student_hidden.device.type, enabled=False),
         ):
             device = student_weight.device
+            topk_logprobs, topk_ids = teacher["topk_logprobs"], teacher["topk_token_ids"]
+            validate_teacher_topk(topk_logprobs, topk_ids, student_weight.shape[0], mask=teacher["loss_mask"])
             output = sdpo_loss_from_teacher_topk(
                 student_hidden.to(device, head_dtype),
                 student_weight.to(head_dtype),
-                teacher["topk_logprobs"].to(device),
-                teacher["topk_token_ids"].to(device),
+                topk_logprobs.to(device),
+                topk_ids.to(device),
                 student_bias=None if student_bias is None else student_bias.to(head_dtype),
                 mask=loss_mask.to(device),
                 target_ids=completion_ids.to(device),
@@ -659,6 +665,7 @@ class FusedDistillationMixin:
                 # the divergence alone needs a gradient: reduced in the call, its gradient formed in forward
                 reduction="none" if sampled_token else "seq-mean-token-mean",
                 return_outputs=True,
+                validate_teacher=False,  # checked above, on the host
                 **self._logit_transform.loss_options(),
             )
         return _fused_result(output, None if sampled_token else output.loss, output.per_token_loss, loss_mask, device)

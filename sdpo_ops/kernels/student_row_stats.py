@@ -91,8 +91,9 @@ def _tile_topk(packed, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr, ORDER: tl.c
 
 @triton.jit
 def _pack(z, cols, N):
-    """Order-preserving int32 key of the fp32 bits, packed with the reversed column (ties: lower column < N)."""
-    bits = z.to(tl.int32, bitcast=True)
+    """Order-preserving int32 key of the fp32 bits, packed with the reversed column (ties: lower column < N).
+    -0.0 is keyed as +0.0: their bits differ, but they tie, and a tie goes to the lower column."""
+    bits = tl.where(z == 0.0, 0.0, z).to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (key.to(tl.int64) << 32) | (N - 1 - cols).to(tl.int64)
 
