@@ -301,6 +301,60 @@ def test_bf16_autocast_is_at_least_as_close_to_fp32_as_trl(model_dirs, tokenizer
         assert our_error > 1e-5 * abs(reference), f"{key}: equal to the fp32 run, autocast was ignored"
 
 
+def test_bf16_evaluation_is_at_least_as_close_to_fp32_as_trl(model_dirs, tokenizer, tmp_path):
+    """``evaluate()`` under ``bf16=True``: TRL runs the student without autocast (not yet accelerate-wrapped) and the
+    teacher under it; ours does so too (the last backbone calls of each, as seen by forward hooks). One captured eval
+    batch, scored by each trainer's ``evaluate()``: our bf16 eval loss must be no farther from the fp32 one than
+    TRL's, and not equal to it (the teacher really runs in bf16)."""
+    options = {
+        "distillation_mode": "topk_logits",
+        "distillation_topk": 5,
+        "distillation_add_tail": True,
+        "distillation_alpha": 0.5,
+        "per_device_eval_batch_size": 4,
+    }
+    model_dir = model_dirs["untied_fp32"]
+    captured = []
+
+    def eval_loss(trainer_class, bf16: bool) -> float:
+        """The eval loss; with bf16, also checks that the student ran without autocast and the teacher under it."""
+        args = _config(tmp_path, bf16=bf16, **options)
+        trainer = trainer_class(
+            model=model_dir,
+            reward_funcs=ScheduledReward(),
+            args=args,
+            train_dataset=_dataset(),
+            eval_dataset=chat_dataset().select([0]),  # one group: one eval batch
+            processing_class=tokenizer,
+        )
+        prepare = trainer._prepare_inputs
+
+        def replay(generation_batch):  # the first trainer's rollouts, for every trainer
+            if not captured:
+                captured.append(prepare(generation_batch))
+            return captured[0]
+
+        trainer._prepare_inputs = replay
+        autocast = {"student": [], "teacher": []}
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        for name, model in (("student", trainer.model), ("teacher", teacher)):
+            model.model.register_forward_hook(
+                lambda module, inputs, output, name=name: autocast[name].append(torch.is_autocast_enabled("cpu"))
+            )
+        set_seed(args.seed)
+        loss = trainer.evaluate()["eval_loss"]
+        if bf16:  # the last calls are the loss's (ours checks the head once first, under autocast as the model runs)
+            assert autocast["student"][-1] is False and autocast["teacher"][-1] is True, f"{trainer_class}: {autocast}"
+        return loss
+
+    fp32 = eval_loss(TRLSDPOTrainer, bf16=False)
+    trl_error = abs(eval_loss(TRLSDPOTrainer, bf16=True) - fp32)
+    our_error = abs(eval_loss(SDPOTrainer, bf16=True) - fp32)
+    assert fp32 > 0
+    assert our_error <= trl_error, f"ours {our_error:.3g} from the fp32 eval loss {fp32:.4g}, TRL {trl_error:.3g}"
+    assert our_error > 1e-4 * fp32, "equal to the fp32 eval loss: the teacher did not run under autocast"
+
+
 def test_reward_feedback_equals_dataset_column(model_dirs, tokenizer, tmp_path):
     """Feedback a reward function returns for every completion == the same text as TRL's dataset column."""
     hint = "Hint: answer in one word."
