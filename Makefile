@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 
-.PHONY: help venv install-test install-demo install-bench test test-fast demo demo-compare demo-ttsd bench gpu-check gpu-smoke lint clean
+.PHONY: help venv install-test install-demo install-bench test test-fast test-latest demo demo-compare demo-ttsd bench gpu-check gpu-smoke lint clean
 
 help:
 	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO (blended with GRPO) on CPU (the main job)"
@@ -47,6 +47,18 @@ test: $(VENV)/.test
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -m "not slow" -x -q
 
+# The suite against the newest releases of everything but torch/triton (not run in CI): a fresh venv each time,
+# constrained by constraints.txt's torch and triton lines only.
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	grep -E '^(torch|triton)==' constraints.txt > $(LATEST_VENV)/torch-constraints.txt
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -c $(LATEST_VENV)/torch-constraints.txt torch==2.13.0 -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip freeze | grep -iE '^(trl|transformers|accelerate|peft|datasets)=='
+	$(LATEST_VENV)/bin/python -m pytest
+
 demo: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo $(DEMO_ARGS)
 
@@ -80,4 +92,4 @@ lint: $(VENV)/.test
 	$(PY) -m ruff format --check sdpo_ops tests bench examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .hypothesis

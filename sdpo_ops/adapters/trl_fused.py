@@ -374,17 +374,27 @@ class FusedDistillationMixin:
     def _completion_hidden_states(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor, length: int):
         """``[B, length, H]``: the backbone's last hidden states where the last ``length`` tokens are predicted.
 
-        Runs under the accelerator's autocast, as the model's own (accelerate-wrapped) forward would.
+        Runs under the accelerator's autocast, as the model's own (accelerate-wrapped) forward would, except for the
+        trained model in evaluation (:meth:`_student_autocast`).
         """
-        with self.accelerator.autocast():
+        autocast = self._student_autocast() or model is not self.accelerator.unwrap_model(self.model)
+        with self.accelerator.autocast() if autocast else torch.autocast(input_ids.device.type, enabled=False):
             hidden = _backbone(model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return hidden.last_hidden_state[:, :-1][:, -length:]
+
+    def _student_autocast(self) -> bool:
+        """Whether the trained model's forwards run under autocast: in training. In evaluation TRL's ``evaluate()``
+        runs the student without it (the model is not yet accelerate-wrapped: fp32 logits) and only a separate teacher
+        under it; ours does so always, also after training wrapped the model (TRL's student then runs in bf16)."""
+        return self.model.training
 
     def _head_dtype(self, hidden: Tensor, weight: Tensor) -> torch.dtype:
         """The dtype of the fused head's operands: the hidden states' without mixed precision; under autocast,
         autocast's on CUDA (the Triton kernels accumulate and keep the logits in fp32), the weight's own (the fp32
         master) elsewhere: torch's CPU bf16 matmul returns bf16 logits, the rounding by which TRL's bf16 run
         strays from its fp32 run (measured: README, "In TRL")."""
+        if not self._student_autocast():
+            return hidden.dtype
         with self.accelerator.autocast():
             if not torch.is_autocast_enabled(hidden.device.type):
                 return hidden.dtype
