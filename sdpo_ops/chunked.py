@@ -4,7 +4,7 @@ Per chunk of C token rows (never a full ``[N, V]`` tensor):
 
 1. ``hs_c @ Ws^T + bs`` into a reused fp32 ``[C, V]`` buffer (one GEMM; bias, logit scale and temperature in
    its epilogue where the dtypes allow, the rest and any softcap applied by every row stage on load);
-   ``student_row_stats``: log-sum-exp, top-K logits and columns, target.
+   ``student_row_stats``: log-sum-exp, top-K logits and columns, target, and the entropy (same pass, for logging).
 2. ``ht_c @ Wt^T + bt`` likewise into a second buffer (no gradient); ``teacher_row_stats``: log-sum-exp
    and the logits at the student's top-K columns and at the target column.
 3. ``row_loss_``: the ``[C, K+1]`` math (tail bins, GJSD, its gradient coefficients, IS weight, row scale,
@@ -27,7 +27,7 @@ run (shapes, allocations and launches only), which the cost model and the memory
 
 A teacher given as its top-K log-probs and ids (``TeacherTopKSDPOFunction``, SPEC 3.2: a served or cached teacher)
 runs the same loop with steps 1-2 replaced by one stage on the student's buffer: ``teacher_row_stats(zs, ids)``
-gives the student's log-sum-exp and its logits at the teacher's ids and at the target; ``row_loss_`` then reads
+gives the student's log-sum-exp, entropy and its logits at the teacher's ids and at the target; ``row_loss_`` then reads
 the teacher's log-probs with a teacher log-sum-exp of 0, and ``logit_grad`` scatters at the teacher's ids.
 3 GEMM-equivalents and 3 row kernels per chunk; backward is shared.
 """
@@ -262,7 +262,8 @@ class _HiddenTeacher:
         topk = options.topk or 0
         s_topk, s_target = self.student_topk[:count], self.student_target[:count]
         row_ops.student_row_stats(
-            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target), **on_load
+            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target),
+            entropy=chunk_out.entropy, **on_load,
         )  # fmt: skip
         zt = self.buffer[:count]
         _logits_into(zt, self.hidden[rows], self.weight, self.bias, options)
@@ -307,7 +308,8 @@ class _TopKLogprobTeacher:
         count = zs.shape[0]
         s_topk, s_target = self.student_topk[:count], self.student_target[:count]
         row_ops.teacher_row_stats(
-            zs, chunk_out.topk_index, targets, out=(chunk_out.student_lse, s_topk, s_target), **on_load
+            zs, chunk_out.topk_index, targets, out=(chunk_out.student_lse, s_topk, s_target),
+            entropy=chunk_out.entropy, **on_load,
         )  # fmt: skip
         return _ChunkStats(s_topk, self.logprobs[rows], s_target, chunk_out.teacher_lse, None)
 
@@ -403,7 +405,7 @@ def _fused_forward(
         )
     )  # fmt: skip
     ctx.mark_non_differentiable(
-        outputs.teacher_target_logprobs, outputs.is_weight, outputs.topk_mass, outputs.divergence
+        outputs.teacher_target_logprobs, outputs.is_weight, outputs.topk_mass, outputs.divergence, outputs.entropy
     )
     loss = outputs.loss.sum() if options.grad_in_forward else outputs.loss
     return (
@@ -413,6 +415,7 @@ def _fused_forward(
         outputs.is_weight,
         outputs.topk_mass,
         outputs.divergence,
+        outputs.entropy,
     )
 
 
@@ -452,9 +455,9 @@ def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tens
 
 class ChunkedSDPOFunction(torch.autograd.Function):
     """Inputs: flattened ``[N, *]`` tensors. Outputs: ``(loss, target_logprobs, teacher_target_logprobs,
-    is_weight, topk_mass, divergence)``; ``loss`` is the scalar ``sum_t row_weight_t * w_t * D_t`` when
+    is_weight, topk_mass, divergence, entropy)``; ``loss`` is the scalar ``sum_t row_weight_t * w_t * D_t`` when
     ``options.grad_in_forward``, else the per-token ``row_weight_t * w_t * D_t`` ``[N]``; ``divergence``
-    is the unweighted ``D_t`` (detached, for logging).
+    is the unweighted ``D_t`` and ``entropy`` the student's entropy (both detached, for logging).
     """
 
     @staticmethod

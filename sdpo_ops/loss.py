@@ -44,7 +44,11 @@ class SDPOOutput(NamedTuple):
     is_weight: the clipped importance weight, detached; None without IS correction.
     topk_mass: the student's probability captured by the top-K (1 for the full vocabulary), detached.
     metrics: 0-dim detached tensors averaged over the mask: ``is_weight_mean``,
-        ``is_clipped_fraction``, ``topk_mass_mean``.
+        ``is_clipped_fraction``, ``topk_mass_mean``, ``entropy_mean``.
+    entropy: the student's entropy ``-sum_v p_v log p_v`` over the full vocabulary, ``p`` the softmax of the
+        transformed logits (scale, softcap) at the temperature, detached; exactly 0 at masked positions (padding
+        may hold anything: no NaN leaks into a masked mean). The fused paths take it from the pass that computes
+        the log-sum-exp (no extra launch, no extra ``[C, V]`` memory).
     """
 
     loss: Tensor
@@ -54,6 +58,7 @@ class SDPOOutput(NamedTuple):
     is_weight: Tensor | None
     topk_mass: Tensor
     metrics: dict[str, Tensor]
+    entropy: Tensor
 
 
 def _check_tensor(name: str, value, *, device: torch.device) -> None:
@@ -209,7 +214,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _metrics(is_weight: Tensor | None, is_clip, topk_mass: Tensor, mask: Tensor) -> dict[str, Tensor]:
+def _metrics(is_weight: Tensor | None, is_clip, topk_mass: Tensor, entropy: Tensor, mask: Tensor) -> dict[str, Tensor]:
     if is_weight is None:
         is_weight_mean, clipped = torch.ones((), device=mask.device), torch.zeros((), device=mask.device)
     else:
@@ -219,6 +224,7 @@ def _metrics(is_weight: Tensor | None, is_clip, topk_mass: Tensor, mask: Tensor)
         "is_weight_mean": is_weight_mean.detach(),
         "is_clipped_fraction": clipped.detach(),
         "topk_mass_mean": _masked_mean(topk_mass.float(), mask).detach(),
+        "entropy_mean": _masked_mean(entropy.float(), mask).detach(),
     }
 
 
@@ -462,7 +468,7 @@ def _row_weight(float_mask: Tensor, reduction: str, normalizer, token_weights: T
 
 def _fused_result(fused: tuple, float_mask: Tensor, token_weights: Tensor | None, *, use_is: bool) -> dict:
     """The fused Functions' outputs, reshaped to the tokens' leading shape, as the dict ``_package`` reads."""
-    loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, divergence = fused
+    loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, divergence, entropy = fused
     leading_shape = float_mask.shape
     unreduced_weight = float_mask * is_weight.reshape(leading_shape)
     if token_weights is not None:
@@ -474,6 +480,7 @@ def _fused_result(fused: tuple, float_mask: Tensor, token_weights: Tensor | None
         "teacher_target_logprobs": teacher_target_logprobs.reshape(leading_shape),
         "is_weight": is_weight.reshape(leading_shape) if use_is else None,
         "topk_mass": topk_mass.reshape(leading_shape),
+        "entropy": torch.where(float_mask != 0, entropy.reshape(leading_shape), 0.0),
     }
 
 
@@ -488,7 +495,8 @@ def _package(result: dict, return_outputs: bool, target_ids, is_clip, mask: Tens
         teacher_target_logprobs=result["teacher_target_logprobs"] if has_targets else None,
         is_weight=result["is_weight"],
         topk_mass=result["topk_mass"],
-        metrics=_metrics(result["is_weight"], is_clip, result["topk_mass"], mask),
+        metrics=_metrics(result["is_weight"], is_clip, result["topk_mass"], result["entropy"], mask),
+        entropy=result["entropy"],
     )
 
 

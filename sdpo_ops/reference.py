@@ -114,6 +114,13 @@ def support_divergence(student_support: Tensor, teacher_support: Tensor, *, add_
     return generalized_jsd(student_support, teacher_support, alpha)
 
 
+def entropy_of(log_probs: Tensor) -> Tensor:
+    """``-sum p log p`` over the last dimension from full-vocabulary log-probs, detached (``0 log 0 = 0``)."""
+    log_probs = log_probs.detach()
+    probs = log_probs.exp()
+    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
+
+
 def importance_weight(target_logprobs: Tensor, old_logprobs: Tensor, is_clip: float) -> Tensor:
     """``min(exp(clamp(logp - old, -20, 20)), is_clip)``, detached."""
     log_ratio = torch.clamp(
@@ -171,7 +178,8 @@ def sdpo_loss_reference_from_logits(
     Returns a dict with ``loss`` (reduced as asked), ``per_token_loss`` (``[...]``, before the reduction,
     masked, detached), ``target_logprobs`` (``[...]``, with gradient;
     ``None`` without ``target_ids``), ``teacher_target_logprobs`` (detached), ``is_weight`` (``[...]``,
-    detached; ``None`` without IS) and ``topk_mass`` (``[...]``, detached).
+    detached; ``None`` without IS), ``topk_mass`` and ``entropy`` (``[...]``, detached; the student's entropy over
+    the full vocabulary at the temperature, 0 at masked positions).
     """
     leading_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
@@ -198,8 +206,8 @@ def sdpo_loss_reference_from_logits(
         teacher_logp = torch.log_softmax(teacher_z, -1)
         teacher_target_logprobs = teacher_logp.gather(-1, target_index).squeeze(-1)
     return _weighted_and_reduced(
-        divergence, target_logprobs, teacher_target_logprobs, topk_mass, leading_shape, mask=mask,
-        old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights, reduction=reduction,
+        divergence, target_logprobs, teacher_target_logprobs, topk_mass, entropy_of(student_logp), leading_shape,
+        mask=mask, old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights, reduction=reduction,
         normalizer=normalizer,
     )  # fmt: skip
 
@@ -209,6 +217,7 @@ def _weighted_and_reduced(
     target_logprobs: Tensor | None,
     teacher_target_logprobs: Tensor | None,
     topk_mass: Tensor,
+    entropy: Tensor,
     leading_shape: torch.Size,
     *,
     mask: Tensor | None,
@@ -218,7 +227,8 @@ def _weighted_and_reduced(
     reduction: str,
     normalizer: Tensor | float | None,
 ) -> dict[str, Tensor | None]:
-    """From the per-row divergence ``[N]``: IS weight, token weights, mask, reduction; the reference's dict."""
+    """From the per-row divergence ``[N]`` (and the student's entropy): IS weight, token weights, mask, reduction;
+    the reference's dict."""
     per_token = divergence
     is_weight = None
     if old_logprobs is not None and is_clip is not None:
@@ -242,6 +252,7 @@ def _weighted_and_reduced(
         "teacher_target_logprobs": unflatten(teacher_target_logprobs),
         "is_weight": unflatten(is_weight),
         "topk_mass": unflatten(topk_mass.detach()),
+        "entropy": unflatten(torch.where(flat_mask != 0, entropy, torch.zeros_like(entropy))),
     }
 
 
@@ -305,7 +316,7 @@ def sdpo_loss_reference_from_teacher_topk(
     if target_ids is not None:
         target_logprobs = student_logp.gather(-1, target_ids.reshape(-1, 1).long()).squeeze(-1)
     return _weighted_and_reduced(
-        divergence, target_logprobs, None, student_support.detach().exp().sum(-1), leading_shape, mask=mask,
-        old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights, reduction=reduction,
-        normalizer=normalizer,
+        divergence, target_logprobs, None, student_support.detach().exp().sum(-1), entropy_of(student_logp),
+        leading_shape, mask=mask, old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights,
+        reduction=reduction, normalizer=normalizer,
     )  # fmt: skip

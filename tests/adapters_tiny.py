@@ -130,10 +130,8 @@ def chat_dataset(**columns):
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": text}] for text in PROMPTS], **columns})
 
 
-def tiny_sdpo_config(output_dir, **overrides):
-    """An ``SDPOConfig`` for two CPU steps on one group of 4 completions of 8 tokens, fp32, plain SGD."""
-    from sdpo_ops.adapters.trl import SDPOConfig
-
+def _tiny_trainer_options(output_dir, **overrides) -> dict:
+    """The options of :func:`tiny_sdpo_config` and :func:`tiny_sdft_config` (fields both configs have)."""
     options = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": 4,
@@ -157,4 +155,18 @@ def tiny_sdpo_config(output_dir, **overrides):
         "disable_tqdm": True,
     }
     options.update(overrides)
-    return SDPOConfig(**options)
+    return options
+
+
+def tiny_sdpo_config(output_dir, **overrides):
+    """An ``SDPOConfig`` for two CPU steps on one group of 4 completions of 8 tokens, fp32, plain SGD."""
+    from sdpo_ops.adapters.trl import SDPOConfig
+
+    return SDPOConfig(**_tiny_trainer_options(output_dir, **overrides))
+
+
+def tiny_sdft_config(output_dir, **overrides):
+    """An ``SDFTConfig`` with :func:`tiny_sdpo_config`'s options (two CPU steps, 4 completions of 8 tokens, SGD)."""
+    from sdpo_ops.adapters.trl import SDFTConfig
+
+    return SDFTConfig(**_tiny_trainer_options(output_dir, **overrides))

@@ -210,6 +210,8 @@ def assert_matches_reference(case: Case, dtype: torch.dtype) -> None:
     assert out.loss.shape == (case.leading_shape if case.reduction == "none" else ())
     # Diagnostics have no documented dtype (the reference keeps the full-vocabulary mass of 1 in fp32).
     torch.testing.assert_close(out.topk_mass, expected.topk_mass, **tolerance, check_dtype=False)
+    torch.testing.assert_close(out.entropy, expected.entropy, **tolerance)
+    assert not out.entropy.requires_grad and out.entropy.shape == case.leading_shape
     if case.is_mode == "on":
         torch.testing.assert_close(out.is_weight, expected.is_weight, **tolerance)
     else:
@@ -605,6 +607,7 @@ def test_metrics_match_hand_computation(entry, topk):
 
     ratio = torch.exp(target_logprobs - old_logprobs)
     probs = torch.softmax(logits / temperature, -1)
+    entropy = -(probs * probs.log()).sum(-1)
     mass = (
         torch.ones(shape, dtype=torch.float64)
         if topk is None
@@ -615,6 +618,7 @@ def test_metrics_match_hand_computation(entry, topk):
         "is_weight_mean": (torch.clamp(ratio, max=is_clip) * mask).sum() / count,
         "is_clipped_fraction": ((ratio > is_clip).double() * mask).sum() / count,
         "topk_mass_mean": (mass * mask).sum() / count,
+        "entropy_mean": (entropy * mask).sum() / count,
     }
     assert 0 < float(expected["is_clipped_fraction"]) < 1, "the draw must put ratios on both sides of is_clip"
     assert out.metrics.keys() == expected.keys()
@@ -623,6 +627,7 @@ def test_metrics_match_hand_computation(entry, topk):
         torch.testing.assert_close(out.metrics[key].double(), value, **ELEMENTWISE[torch.float32], msg=key)
     torch.testing.assert_close(out.is_weight.double(), torch.clamp(ratio, max=is_clip), **ELEMENTWISE[torch.float32])
     torch.testing.assert_close(out.topk_mass.double(), mass, **ELEMENTWISE[torch.float32])
+    torch.testing.assert_close(out.entropy.double(), entropy * mask, **ELEMENTWISE[torch.float32])
 
 
 def test_metrics_without_importance_sampling():
