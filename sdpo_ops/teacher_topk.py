@@ -25,6 +25,7 @@ from sdpo_ops.loss import (
     _check_tensor,
     _checked_call,
     _fused_backend,
+    _follows_autocast,
     _fused_result,
     _package,
     _row_weight,
@@ -125,6 +126,7 @@ def _check_teacher_values(logprobs: Tensor, ids: Tensor, vocab: int) -> None:
         )
 
 
+@_follows_autocast("student_hidden", "student_weight", "student_bias")
 def sdpo_loss_from_teacher_topk(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -162,14 +164,16 @@ def sdpo_loss_from_teacher_topk(
     Args:
         student_hidden: [N, H] or [B, T, H], fp32/bf16/fp16: the student's last hidden states at the positions that
             predict the completion tokens. Receives a gradient.
-        student_weight: [V, H], same dtype: the student's lm_head weight. Receives a gradient.
+        student_weight: [V, H], same dtype: the student's lm_head weight. Receives a gradient. Inside an enabled
+            ``torch.autocast`` the head runs in autocast's dtype, as in :func:`sdpo_ops.sdpo_loss`.
         teacher_topk_logprobs: [N, K] or [B, T, K], floating, detached: the teacher's log-probs normalised over its
             full vocabulary (as vLLM returns them), at the same temperature as the student's.
         teacher_topk_ids: same shape, int, in [0, V), distinct per position: the teacher's top-K ids. At masked
             positions both may hold anything (``-inf``, repeated or out-of-range padding): they are never read.
         student_bias: [V] or None.
         mask: [N] or [B, T], 0/1: padding and samples without a teacher signal are 0.
-        target_ids: [N] or [B, T] int: the sampled tokens (needed for IS and ``target_logprobs``).
+        target_ids: [N] or [B, T] int: the sampled tokens (needed for IS and ``target_logprobs``); masked positions
+            may hold anything (``-100``), as in :func:`sdpo_ops.sdpo_loss`.
         old_logprobs: [N] or [B, T]: the rollout policy's log-probs of ``target_ids``.
         add_tail: append the tail bin (the mass outside the K ids); otherwise renormalise the K log-probs.
         alpha: 0 = KL(teacher || student), 1 = KL(student || teacher), between = generalised JSD.
@@ -212,7 +216,7 @@ def sdpo_loss_from_teacher_topk(
     leading_shape = student_hidden.shape[:-1]
     dtype = accumulation_dtype(student_hidden.dtype)
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_call(
+    float_mask, target_ids = _checked_call(
         per_token, leading_shape, device, dtype, vocab=vocab, topk=topk, alpha=alpha, is_clip=is_clip,
         temperature=temperature, reduction=reduction, normalizer=normalizer, backend=backend,
         logit_scale=logit_scale, logit_softcap=logit_softcap,

@@ -30,6 +30,7 @@ from sdpo_ops.adapters.heads import (
     shared_logit_transform,
 )
 from sdpo_ops.adapters.routing import SampleRouting, clipped_policy_loss_per_token, distillation_route, routed_loss
+from sdpo_ops.adapters.model_inputs import backbone_and_head, completion_hidden_states, positions_from_mask
 from sdpo_ops.adapters.teacher import EMATeacher
 from sdpo_ops.loss import SDPOOutput, sdpo_loss
 
@@ -54,63 +55,6 @@ class SDPOStepOutput:
     output: SDPOOutput
     loss_mask: Tensor
     metrics: dict[str, Tensor]
-
-
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | None]:
-    """``(backbone, lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM (or a PEFT wrapper).
-
-    The backbone is the module that returns the final (normed) hidden states: ``model.get_decoder()``, else
-    ``model.model``. Raises for an output embedding that is not a plain ``nn.Linear``.
-    """
-    backbone = None
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        backbone = get_decoder()
-    if backbone is None or backbone is model:
-        backbone = getattr(model, "model", None)
-    if not isinstance(backbone, nn.Module) or backbone is model:
-        raise TypeError(
-            f"cannot find the backbone of {type(model).__name__}: expected model.get_decoder() or model.model "
-            "returning the last hidden states"
-        )
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"the output embedding of {type(model).__name__} is {type(head).__name__}, not a plain torch.nn.Linear "
-            "(an adapter on the lm_head, or no lm_head): sdpo_step needs logits = hidden @ weight.T + bias"
-        )
-    return backbone, head.weight, head.bias
-
-
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """``[B, L]`` position ids that count only attended tokens, as ``model.generate`` assigns them.
-
-    With left padding, ``arange(L)`` would shift every position by the padding width, so the same sequence
-    would score differently depending on its batch neighbours.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def completion_hidden_states(
-    backbone: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    num_completion_tokens: int,
-    *,
-    position_ids_from_mask: bool = True,
-) -> Tensor:
-    """``[B, T, H]`` hidden states at the positions that predict the last ``T`` tokens of ``input_ids``.
-
-    The state at column ``p`` predicts the token at ``p + 1``, so the completion's ``T`` tokens (columns
-    ``[L - T, L)``) are predicted by columns ``[L - T - 1, L - 1)``.
-    """
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if position_ids_from_mask:
-        kwargs["position_ids"] = positions_from_mask(attention_mask)
-    outputs = backbone(**kwargs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return hidden[:, -num_completion_tokens - 1 : -1]
 
 
 def sdpo_step(
