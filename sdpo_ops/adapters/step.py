@@ -29,8 +29,8 @@ from sdpo_ops.adapters.heads import (
     refuse_unreproduced_logits,
     shared_logit_transform,
 )
-from sdpo_ops.adapters.routing import SampleRouting, clipped_policy_loss_per_token, distillation_route, routed_loss
 from sdpo_ops.adapters.model_inputs import backbone_and_head, completion_hidden_states, positions_from_mask
+from sdpo_ops.adapters.routing import SampleRouting, clipped_policy_loss_per_token, distillation_route, routed_loss
 from sdpo_ops.adapters.teacher import EMATeacher
 from sdpo_ops.loss import SDPOOutput, sdpo_loss
 
