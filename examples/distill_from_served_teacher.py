@@ -33,8 +33,7 @@ from pathlib import Path
 import torch
 
 from sdpo_ops import sdpo_loss_from_teacher_topk
-from sdpo_ops.adapters import pad_sequences, split_completions
-from sdpo_ops.adapters.step import backbone_and_head, completion_hidden_states
+from sdpo_ops.adapters import backbone_and_head, completion_hidden_states, pad_sequences, split_completions
 
 EXAMPLES = Path(__file__).resolve().parent
 sys.path[:0] = [str(EXAMPLES), str(EXAMPLES.parent)]  # the sibling example's tiny model; bench.trace (a checkout)

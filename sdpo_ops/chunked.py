@@ -4,7 +4,7 @@ Per chunk of C token rows (never a full ``[N, V]`` tensor):
 
 1. ``hs_c @ Ws^T + bs`` into a reused fp32 ``[C, V]`` buffer (one GEMM; bias, logit scale and temperature in
    its epilogue where the dtypes allow, the rest and any softcap applied by every row stage on load);
-   ``student_row_stats``: log-sum-exp, top-K logits and columns, target.
+   ``student_row_stats``: log-sum-exp, top-K logits and columns, target, and the entropy (same pass, for logging).
 2. ``ht_c @ Wt^T + bt`` likewise into a second buffer (no gradient); ``teacher_row_stats``: log-sum-exp
    and the logits at the student's top-K columns and at the target column.
 3. ``row_loss_``: the ``[C, K+1]`` math (tail bins, GJSD, its gradient coefficients, IS weight, row scale,
@@ -27,35 +27,22 @@ run (shapes, allocations and launches only), which the cost model and the memory
 
 A teacher given as its top-K log-probs and ids (``TeacherTopKSDPOFunction``, SPEC 3.2: a served or cached teacher)
 runs the same loop with steps 1-2 replaced by one stage on the student's buffer: ``teacher_row_stats(zs, ids)``
-gives the student's log-sum-exp and its logits at the teacher's ids and at the target; ``row_loss_`` then reads
+gives the student's log-sum-exp, entropy and its logits at the teacher's ids and at the target; ``row_loss_`` then reads
 the teacher's log-probs with a teacher log-sum-exp of 0, and ``logit_grad`` scatters at the teacher's ids.
 3 GEMM-equivalents and 3 row kernels per chunk; backward is shared.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from sdpo_ops.device_policy import DevicePolicy, mm_into_fp32, policy_for
 from sdpo_ops.row_outputs import RowOutputs
-
-# Bytes of one fp32 [C, V] logits buffer; two are live at once (student and teacher). On CUDA each chunk's
-# logits GEMM reads the whole [V, H] weight from HBM, so C rows give 2C FLOP per weight byte: C >= ~384
-# stays above the H100's ridge (~255 FLOP/B at 728 TFLOP/s, 2.85 TB/s); 224 MiB gives C = 386 at V=151936,
-# and two buffers plus the dZ staging stay under 1 GiB.
-CHUNK_BYTES = {"cuda": 224 * 2**20, "meta": 224 * 2**20, "cpu": 32 * 2**20}
-# Rows of dZ staged per dW accumulator pass (rounded up to whole chunks). On CUDA the fp32 [V, H] read+write
-# (~5 GB at V=151936, H=4096) costs ~1.5 ms whatever the row count, the GEMM 2*R*V*H FLOP: R >= ~1300 rows
-# keeps it compute-bound. On CPU there is no such cliff: one chunk per pass.
-DW_STAGE_ROWS = {"cuda": 1536, "meta": 1536, "cpu": 1}
-# torch >= 2.8 multiplies bf16/fp16 into an fp32 output on CUDA without rounding the product first.
-# (The first release with mm/addmm.dtype_out; every release since accepts an fp32 accumulator as ``self``:
-# bench/results/sm90-compile/torch_addmm_out_dtype.md.)
-_HAS_MM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)
 
 
 @dataclass(frozen=True)
@@ -69,6 +56,9 @@ class FusedOptions:
     grad_in_forward: bool
     logit_scale: float = 1.0
     logit_softcap: float | None = None
+    # the device's host-side choices (``sdpo_ops.device_policy``); None: the inputs' device's. Fixed per call, so
+    # backward follows forward's choices even outside a ``use_policy`` block.
+    policy: DevicePolicy | None = None
 
     @property
     def grad_scale(self) -> float:
@@ -81,29 +71,9 @@ class FusedOptions:
         return None if self.logit_softcap is None else self.logit_softcap / self.temperature
 
 
-# Chunks start on a multiple of this many rows, so every chunk's view of the per-row outputs is 16-byte aligned
-# (one Triton specialisation, not two: a pointer off 16 bytes compiles its own kernel, with narrower accesses).
-CHUNK_ROW_MULTIPLE = 16
-
-
-def default_chunk_size(num_tokens: int, vocab: int, device: torch.device) -> int:
-    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cuda"])
-    rows = budget // (4 * vocab)
-    if rows >= CHUNK_ROW_MULTIPLE:
-        rows -= rows % CHUNK_ROW_MULTIPLE
-    return max(1, min(num_tokens, rows))
-
-
-def stage_rows_for(options: FusedOptions, num_tokens: int, device: torch.device) -> int:
-    """Whole chunks of dZ per dW pass: at least the device's row target, at most the call's rows."""
-    target = DW_STAGE_ROWS.get(device.type, DW_STAGE_ROWS["cuda"])
-    chunk = options.chunk_size
-    return min(-(-target // chunk) * chunk, -(-num_tokens // chunk) * chunk)
-
-
-def _uses_fp32_output_mm(a: Tensor) -> bool:
-    # meta stands for a GPU in dry runs (cost model, memory accounting)
-    return _HAS_MM_OUT_DTYPE and a.device.type in ("cuda", "meta") and a.dtype in (torch.float16, torch.bfloat16)
+def default_chunk_size(num_tokens: int, vocab: int, hidden_size: int, device: torch.device) -> int:
+    """Rows per chunk on ``device`` (``DevicePolicy.chunk_rows``)."""
+    return policy_for(device).chunk_rows(num_tokens, vocab, hidden_size)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -129,8 +99,8 @@ def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | Non
         source = out if bias is None else bias
         torch.addmm(source, hidden, weight.t(), beta=0.0 if bias is None else linear, alpha=linear, out=out)
         return 1.0
-    if _uses_fp32_output_mm(hidden):
-        torch.mm(hidden, weight.t(), out_dtype=torch.float32, out=out)
+    if options.policy.multiplies_into_fp32(hidden):
+        mm_into_fp32(out, hidden, weight.t())
     else:
         out.copy_(torch.mm(hidden, weight.t()))
     if bias is not None:
@@ -143,7 +113,7 @@ def _accumulate_weight_grad(accumulator: Tensor, logit_grad: Tensor, hidden: Ten
     ``overwrite``: the accumulator holds nothing yet (beta = 0 ignores it, NaN included)."""
     beta = 0.0 if overwrite else 1.0
     if logit_grad.dtype != accumulator.dtype:  # the GEMM dtype on CUDA: bf16 tensor cores, fp32 output
-        torch.addmm(accumulator, logit_grad.t(), hidden, beta=beta, out_dtype=torch.float32, out=accumulator)
+        mm_into_fp32(accumulator, logit_grad.t(), hidden, beta=beta)
     else:
         operand = hidden if hidden.dtype == accumulator.dtype else hidden.to(accumulator.dtype)
         accumulator.addmm_(logit_grad.t(), operand, beta=beta)
@@ -156,6 +126,8 @@ class _Gradients:
     hidden: Tensor | None
     weight: Tensor | None
     bias: Tensor | None
+    # what the accumulators hold over the true gradient (a power of two, 0-dim, on the device); None: 1
+    scale: Tensor | None = None
 
     @classmethod
     def allocate(cls, needs: tuple[bool, bool, bool], hidden: Tensor, weight: Tensor, zero: bool = True) -> _Gradients:
@@ -173,12 +145,16 @@ class _Gradients:
 class _StagedGradients:
     """dZ of consecutive chunks staged in the GEMM dtype, turned into dH rows, dW and db one pass at a time."""
 
-    def __init__(self, grads: _Gradients, hidden: Tensor, weight: Tensor, stage_rows: int, overwrite: bool = False):
+    def __init__(
+        self, grads: _Gradients, hidden: Tensor, weight: Tensor, options: FusedOptions, overwrite: bool = False
+    ):
         """``overwrite``: dW and db hold nothing yet (``_Gradients.allocate(zero=False)``): the first pass sets them."""
         self.grads, self.hidden, self.weight = grads, hidden, weight
         self.overwrite = overwrite
-        gemm_dtype = weight.dtype if _uses_fp32_output_mm(hidden) else accumulation_dtype(weight.dtype)
-        self.buffer = torch.empty(stage_rows, weight.shape[0], dtype=gemm_dtype, device=weight.device)
+        policy = options.policy
+        stage_rows = policy.stage_rows(options.chunk_size, hidden.shape[0])
+        staging = policy.staging_dtype(weight.dtype, accumulation_dtype(weight.dtype))
+        self.buffer = policy.row_buffer(stage_rows, weight.shape[0], staging, weight.device)
         self.first_row, self.filled = 0, 0
 
     def slot(self, rows: slice) -> Tensor:
@@ -194,6 +170,11 @@ class _StagedGradients:
 
     def flush(self) -> None:
         if self.filled == 0:
+            if self.overwrite:  # nothing was ever staged (zero tokens): the unset accumulators are the gradient, 0
+                for accumulator in (self.grads.weight, self.grads.bias):
+                    if accumulator is not None:
+                        accumulator.zero_()
+                self.overwrite = False
             return
         logit_grad = self.buffer[: self.filled]
         rows = slice(self.first_row, self.first_row + self.filled)
@@ -209,6 +190,30 @@ class _StagedGradients:
             else:
                 grads.bias.add_(logit_grad.sum(0, dtype=grads.bias.dtype))
         self.filled, self.overwrite = 0, False
+
+
+def _needs_dz_scale(weight: Tensor) -> bool:
+    """fp16 models: dZ ~ row_weight * p_j (1e-7 to 1e-12 at a token mean over thousands of tokens) is below fp16's
+    smallest normal (6e-5), where it is staged (CUDA: the GEMM dtype) or cast for the dH GEMM (CPU), and a
+    GradScaler cannot help (dZ is formed in forward). bf16 has fp32's exponent range."""
+    return weight.dtype == torch.float16
+
+
+def _power_of_two_scale(*values: Tensor) -> Tensor:
+    """``2^-ceil(log2(max |v|))`` as a 0-dim fp32 tensor on the values' device (no host sync): the largest per-row
+    weight times it lies in (0.5, 1], so dZ's entries sit at fp16's normal range instead of under it. 1 where
+    every value is 0 (or not finite). A power of two: scaling and unscaling are exact."""
+    largest = values[0].new_zeros((), dtype=torch.float32)
+    for value in values:
+        if value.numel():
+            largest = torch.maximum(largest, value.detach().abs().amax().float())
+    exponent = torch.ceil(torch.log2(largest)).clamp(-126, 126)
+    return torch.where(torch.isfinite(largest) & (largest > 0), torch.exp2(-exponent), 1.0)
+
+
+def _same_layout(buffer: Tensor) -> Tensor:
+    """An uninitialised tensor with ``buffer``'s shape and (padded) strides (``empty_like`` would drop the padding)."""
+    return torch.empty_strided(buffer.shape, buffer.stride(), dtype=buffer.dtype, device=buffer.device)
 
 
 def _scaled(accumulator: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -250,7 +255,7 @@ class _HiddenTeacher:
 
     def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor) -> RowOutputs:
         """The call's ``RowOutputs`` and this teacher's per-chunk scratch (``like``: the student's logits buffer)."""
-        self.buffer = torch.empty_like(like)
+        self.buffer = _same_layout(like)
         # per-chunk scratch of the statistics the row loss consumes (the [N]-sized results go to the outputs)
         self.student_topk, self.teacher_topk = (like.new_empty(buffer_rows, topk) for _ in range(2))
         self.student_target, self.teacher_target = (like.new_empty(buffer_rows) for _ in range(2))
@@ -262,7 +267,8 @@ class _HiddenTeacher:
         topk = options.topk or 0
         s_topk, s_target = self.student_topk[:count], self.student_target[:count]
         row_ops.student_row_stats(
-            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target), **on_load
+            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target),
+            entropy=chunk_out.entropy, **on_load,
         )  # fmt: skip
         zt = self.buffer[:count]
         _logits_into(zt, self.hidden[rows], self.weight, self.bias, options)
@@ -307,7 +313,8 @@ class _TopKLogprobTeacher:
         count = zs.shape[0]
         s_topk, s_target = self.student_topk[:count], self.student_target[:count]
         row_ops.teacher_row_stats(
-            zs, chunk_out.topk_index, targets, out=(chunk_out.student_lse, s_topk, s_target), **on_load
+            zs, chunk_out.topk_index, targets, out=(chunk_out.student_lse, s_topk, s_target),
+            entropy=chunk_out.entropy, **on_load,
         )  # fmt: skip
         return _ChunkStats(s_topk, self.logprobs[rows], s_target, chunk_out.teacher_lse, None)
 
@@ -345,20 +352,23 @@ def _fused_forward(
     ctx.set_materialize_grads(False)
     num_tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
     device = student_hidden.device
+    if options.policy is None:
+        options = replace(options, policy=policy_for(device))
     needs_grad = tuple(ctx.needs_input_grad[:3])
     form_grad_now = options.grad_in_forward and any(needs_grad)
 
     chunk = options.chunk_size
     dtype = accumulation_dtype(student_hidden.dtype)
     buffer_rows = min(chunk, num_tokens)
-    student_buffer = torch.empty(buffer_rows, vocab, dtype=dtype, device=device)
+    student_buffer = options.policy.row_buffer(buffer_rows, vocab, dtype, device)
     outputs = teacher.allocate(num_tokens, buffer_rows, options.topk or 0, student_buffer)
-    grads, staged = None, None
+    grads, staged, grad_row_scale = None, None, None
     if form_grad_now:
         grads = _Gradients.allocate(needs_grad, student_hidden, student_weight, zero=False)
-        staged = _StagedGradients(
-            grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device), overwrite=True
-        )
+        staged = _StagedGradients(grads, student_hidden, student_weight, options, overwrite=True)
+        if _needs_dz_scale(student_weight):
+            grads.scale = _power_of_two_scale(row_weight)
+            grad_row_scale = row_weight.new_empty(buffer_rows)
 
     for start in range(0, num_tokens, chunk):
         rows = slice(start, min(start + chunk, num_tokens))
@@ -383,8 +393,11 @@ def _fused_forward(
             is_clip=options.is_clip,
         )
         if form_grad_now:
+            row_scale = chunk_out.row_scale
+            if grad_row_scale is not None:  # fp16: dZ scaled by a power of two, taken out at the hand-over
+                row_scale = torch.mul(row_scale, grads.scale, out=grad_row_scale[: rows.stop - rows.start])
             row_ops.logit_grad(
-                zs, chunk_out.student_lse, chunk_out.row_scale, chunk_out.dense_grad, chunk_out.topk_index,
+                zs, chunk_out.student_lse, row_scale, chunk_out.dense_grad, chunk_out.topk_index,
                 chunk_out.sparse_grad, None, None, options.grad_scale, stats.full_vocab_teacher,
                 out=staged.slot(rows), **on_load,
             )  # fmt: skip
@@ -403,7 +416,7 @@ def _fused_forward(
         )
     )  # fmt: skip
     ctx.mark_non_differentiable(
-        outputs.teacher_target_logprobs, outputs.is_weight, outputs.topk_mass, outputs.divergence
+        outputs.teacher_target_logprobs, outputs.is_weight, outputs.topk_mass, outputs.divergence, outputs.entropy
     )
     loss = outputs.loss.sum() if options.grad_in_forward else outputs.loss
     return (
@@ -413,6 +426,7 @@ def _fused_forward(
         outputs.is_weight,
         outputs.topk_mass,
         outputs.divergence,
+        outputs.entropy,
     )
 
 
@@ -426,20 +440,28 @@ def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tens
     grads, upstream = None, None
     formed = ctx.form_grad_now and ctx.precomputed is not None
     if formed and grad_loss is not None:
-        grads, upstream, ctx.precomputed = ctx.precomputed, grad_loss, None
+        grads, ctx.precomputed = ctx.precomputed, None
+        upstream = grad_loss if grads.scale is None else grad_loss / grads.scale
     # A recompute pass: per-token upstream gradient of the loss, or a gradient of the target log-probs.
-    loss_scale = None
+    loss_scale, target_scale = None, grad_target_logprobs
     if grad_loss is not None and not formed:
         loss_scale = torch.where(saved.row_scale != 0, grad_loss * saved.row_scale, 0.0)
-    if (loss_scale is not None or grad_target_logprobs is not None) and any(needs_grad):
+    if (loss_scale is not None or target_scale is not None) and any(needs_grad):
+        dz_scale = None
+        if _needs_dz_scale(student_weight):
+            dz_scale = _power_of_two_scale(*(t for t in (loss_scale, target_scale) if t is not None))
+            loss_scale = None if loss_scale is None else loss_scale * dz_scale
+            target_scale = None if target_scale is None else target_scale * dz_scale
         if grads is None:
             grads = _Gradients.allocate(needs_grad, student_hidden, student_weight)
         elif upstream is not None:  # the recompute pass adds its own, already scaled terms: fold the scalar in first
+            fold = upstream if dz_scale is None else upstream * dz_scale
             for accumulator in (grads.hidden, grads.weight, grads.bias):
                 if accumulator is not None:
-                    accumulator.mul_(upstream.to(accumulator.dtype))
-            upstream = None
-        _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, grad_target_logprobs)
+                    accumulator.mul_(fold.to(accumulator.dtype))
+        grads.scale = dz_scale
+        _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, target_scale)
+        upstream = None if dz_scale is None else 1.0 / dz_scale
     if grads is None:
         grads = _Gradients(None, None, None)
     bias_dtype = None if saved.student_bias is None else saved.student_bias.dtype
@@ -452,9 +474,9 @@ def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tens
 
 class ChunkedSDPOFunction(torch.autograd.Function):
     """Inputs: flattened ``[N, *]`` tensors. Outputs: ``(loss, target_logprobs, teacher_target_logprobs,
-    is_weight, topk_mass, divergence)``; ``loss`` is the scalar ``sum_t row_weight_t * w_t * D_t`` when
+    is_weight, topk_mass, divergence, entropy)``; ``loss`` is the scalar ``sum_t row_weight_t * w_t * D_t`` when
     ``options.grad_in_forward``, else the per-token ``row_weight_t * w_t * D_t`` ``[N]``; ``divergence``
-    is the unweighted ``D_t`` (detached, for logging).
+    is the unweighted ``D_t`` and ``entropy`` the student's entropy (both detached, for logging).
     """
 
     @staticmethod
@@ -550,14 +572,14 @@ def _recompute_pass(
     device = student_hidden.device
     chunk = options.chunk_size
     dtype = accumulation_dtype(student_hidden.dtype)
-    student_buffer = torch.empty(min(chunk, num_tokens), vocab, dtype=dtype, device=device)
+    student_buffer = options.policy.row_buffer(min(chunk, num_tokens), vocab, dtype, device)
     # Full-vocabulary mode needs the teacher's logits again, but only when the divergence has a gradient.
-    teacher_buffer = torch.empty_like(student_buffer) if options.topk is None and loss_scale is not None else None
+    teacher_buffer = _same_layout(student_buffer) if options.topk is None and loss_scale is not None else None
     if loss_scale is None:
         loss_scale = torch.zeros(num_tokens, dtype=dtype, device=device)
     if target_scale is not None:
         target_scale = target_scale.to(dtype)
-    staged = _StagedGradients(grads, student_hidden, student_weight, stage_rows_for(options, num_tokens, device))
+    staged = _StagedGradients(grads, student_hidden, student_weight, options)
     for start in range(0, num_tokens, chunk):
         rows = slice(start, min(start + chunk, num_tokens))
         zs = student_buffer[: rows.stop - rows.start]

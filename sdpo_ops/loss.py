@@ -6,21 +6,27 @@ Backends share one contract (SPEC section 3):
   under ``TRITON_INTERPRET=1``);
 - ``"torch"``: the same Function with the torch row stages: any device, the CPU default;
 - ``"reference"``: the naive materialising oracle (``sdpo_ops.reference``);
-- ``"auto"``: ``"triton"`` for CUDA tensors (``topk <= 256``), ``"torch"`` otherwise.
+- ``"auto"``: ``"triton"`` for CUDA tensors (``topk <= 256``, not fp64), ``"torch"`` otherwise.
+
+Which of them ``"auto"`` takes, like every other device-dependent choice, is the device policy's
+(``sdpo_ops.device_policy``).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
-from sdpo_ops.chunked import ChunkedSDPOFunction, FusedOptions, accumulation_dtype, default_chunk_size
+from sdpo_ops.chunked import ChunkedSDPOFunction, FusedOptions, accumulation_dtype
+from sdpo_ops.device_policy import DevicePolicy, policy_for
 from sdpo_ops.reference import sdpo_loss_reference, sdpo_loss_reference_from_logits
 
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "none")
@@ -42,7 +48,11 @@ class SDPOOutput(NamedTuple):
     is_weight: the clipped importance weight, detached; None without IS correction.
     topk_mass: the student's probability captured by the top-K (1 for the full vocabulary), detached.
     metrics: 0-dim detached tensors averaged over the mask: ``is_weight_mean``,
-        ``is_clipped_fraction``, ``topk_mass_mean``.
+        ``is_clipped_fraction``, ``topk_mass_mean``, ``entropy_mean``.
+    entropy: the student's entropy ``-sum_v p_v log p_v`` over the full vocabulary, ``p`` the softmax of the
+        transformed logits (scale, softcap) at the temperature, detached; exactly 0 at masked positions (padding
+        may hold anything: no NaN leaks into a masked mean). The fused paths take it from the pass that computes
+        the log-sum-exp (no extra launch, no extra ``[C, V]`` memory).
     """
 
     loss: Tensor
@@ -52,6 +62,7 @@ class SDPOOutput(NamedTuple):
     is_weight: Tensor | None
     topk_mass: Tensor
     metrics: dict[str, Tensor]
+    entropy: Tensor
 
 
 def _check_tensor(name: str, value, *, device: torch.device) -> None:
@@ -129,7 +140,11 @@ def _check_side(side: str, hidden, weight, bias, device: torch.device) -> None:
             f"got shape {tuple(weight.shape)}"
         )
     if weight.dtype != hidden.dtype:
-        raise TypeError(f"{side}_weight dtype {weight.dtype} differs from {side}_hidden dtype {hidden.dtype}")
+        raise TypeError(
+            f"{side}_weight dtype {weight.dtype} differs from {side}_hidden dtype {hidden.dtype}: cast one to the "
+            f"other's dtype (e.g. {side}_hidden.to({side}_weight.dtype)), or call inside "
+            f"torch.autocast({hidden.device.type!r}, dtype=...) to run the head in autocast's dtype as F.linear would"
+        )
     if bias is not None:
         _check_tensor(f"{side}_bias", bias, device=device)
         if bias.shape != weight.shape[:1]:
@@ -152,27 +167,38 @@ def _check_targets(target_ids: Tensor | None, old_logprobs: Tensor | None, vocab
         # as F.cross_entropy and gather do; every kernel masks out-of-range ids, so nothing reads or writes out
         # of bounds before it fires.
         in_range = ((target_ids >= 0) & (target_ids < vocab)).all()
-        torch._assert_async(in_range, f"target_ids must lie in [0, V={vocab})")
+        torch._assert_async(in_range, f"target_ids must lie in [0, V={vocab}) at unmasked positions")
         return
     # CPU: one host check (free here), before any kernel runs.
     low, high = (int(v) for v in torch.stack(torch.aminmax(target_ids)).tolist())
     if low < 0 or high >= vocab:
-        raise ValueError(f"target_ids must lie in [0, V={vocab}), got values in [{low}, {high}]")
+        raise ValueError(f"target_ids must lie in [0, V={vocab}) at unmasked positions, got values in [{low}, {high}]")
+
+
+def _unmasked_targets(target_ids: Tensor | None, float_mask: Tensor, vocab: int) -> Tensor | None:
+    """``target_ids`` with out-of-range ids at masked positions (Hugging Face's ``-100`` label padding) replaced by
+    0, so only unmasked positions are validated and no stage gathers out of range. In-range ids stay, masked or
+    not: a policy loss may read ``target_logprobs`` where the distillation mask is 0."""
+    if target_ids is None or target_ids.is_floating_point() or target_ids.is_complex():
+        return target_ids  # no ids, or a wrong dtype that _check_targets refuses
+    out_of_range = (target_ids < 0) | (target_ids >= vocab)
+    return target_ids.masked_fill(out_of_range & (float_mask == 0), 0)
 
 
 def _checked_call(
     per_token: dict, leading_shape: torch.Size, device: torch.device, dtype: torch.dtype, *, vocab: int, **options
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """Every check the entry points share, in the order a user meets them: the per-token inputs, the options, the
-    logit transform, the target ids. Returns the float mask."""
+    logit transform, the target ids (at unmasked positions). Returns the float mask and the target ids to use."""
     float_mask = _checked_per_token_inputs(per_token, leading_shape, device, dtype)
     if isinstance(options["normalizer"], Tensor):
         _check_tensor("normalizer", options["normalizer"], device=device)
     transform = {name: options.pop(name) for name in ("logit_scale", "logit_softcap")}
     _check_options(vocab=vocab, **options)
     _check_logit_transform(**transform)
-    _check_targets(per_token["target_ids"], per_token["old_logprobs"], vocab)
-    return float_mask
+    target_ids = _unmasked_targets(per_token["target_ids"], float_mask, vocab)
+    _check_targets(target_ids, per_token["old_logprobs"], vocab)
+    return float_mask, target_ids
 
 
 def _reduction_coefficients(mask: Tensor, reduction: str, normalizer) -> Tensor:
@@ -182,7 +208,7 @@ def _reduction_coefficients(mask: Tensor, reduction: str, normalizer) -> Tensor:
     if reduction == "token-mean":
         denominator = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
         return mask / denominator
-    per_sequence = mask.reshape(-1, mask.shape[-1])
+    per_sequence = mask.reshape(mask.shape[:-1].numel(), mask.shape[-1])  # [N] is one sequence; B or T may be 0
     if reduction == "seq-mean-token-mean":
         per_sequence = per_sequence / per_sequence.sum(-1, keepdim=True).clamp(min=1.0)
     denominator = per_sequence.shape[0] if normalizer is None else normalizer
@@ -193,7 +219,7 @@ def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def _metrics(is_weight: Tensor | None, is_clip, topk_mass: Tensor, mask: Tensor) -> dict[str, Tensor]:
+def _metrics(is_weight: Tensor | None, is_clip, topk_mass: Tensor, entropy: Tensor, mask: Tensor) -> dict[str, Tensor]:
     if is_weight is None:
         is_weight_mean, clipped = torch.ones((), device=mask.device), torch.zeros((), device=mask.device)
     else:
@@ -203,7 +229,23 @@ def _metrics(is_weight: Tensor | None, is_clip, topk_mass: Tensor, mask: Tensor)
         "is_weight_mean": is_weight_mean.detach(),
         "is_clipped_fraction": clipped.detach(),
         "topk_mass_mean": _masked_mean(topk_mass.float(), mask).detach(),
+        "entropy_mean": _masked_mean(entropy.float(), mask).detach(),
     }
+
+
+def _fused_backend(backend: str, policy: DevicePolicy, dtype: torch.dtype, topk: int | None) -> str:
+    """``"auto"`` resolved; ``"triton"`` refused for what its kernels cannot compute (fp64, a top-K over 256)."""
+    fits_triton = dtype != torch.float64 and (topk is None or topk <= TRITON_MAX_TOPK)
+    if backend == "auto":
+        return "triton" if policy.triton_by_default and fits_triton else "torch"
+    if backend == "triton" and dtype == torch.float64:
+        raise ValueError(
+            "backend='triton' computes in fp32 inside, the inputs are torch.float64: use backend='torch' (or 'auto'), "
+            "which computes in fp64"
+        )
+    if backend == "triton" and topk is not None and topk > TRITON_MAX_TOPK:
+        raise ValueError(f"topk={topk} exceeds the Triton kernels' maximum {TRITON_MAX_TOPK}: use backend='torch'")
+    return backend
 
 
 def _triton_row_ops(device: torch.device):
@@ -219,6 +261,57 @@ def _triton_row_ops(device: torch.device):
     return row_ops
 
 
+# The dtypes autocast casts (it leaves fp64 alone, as F.linear under autocast does).
+_AUTOCAST_ELIGIBLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _autocast_dtype(tensor) -> torch.dtype | None:
+    """Autocast's compute dtype if ``torch.autocast`` is enabled on ``tensor``'s device, else None."""
+    if not isinstance(tensor, Tensor) or tensor.device.type not in ("cpu", "cuda", "xpu", "mps", "hpu"):
+        return None
+    if not torch.is_autocast_enabled(tensor.device.type):
+        return None
+    return torch.get_autocast_dtype(tensor.device.type)
+
+
+def _follows_autocast(*operands: str) -> Callable:
+    """Decorate a loss entry point so that, inside an enabled ``torch.autocast``, its head operands (the named
+    hidden states, weights and biases) are cast to autocast's dtype, as ``F.linear`` casts its inputs, and the call
+    runs with autocast off (its fp32 accumulation and per-row math stay fp32). The casts are differentiable: an
+    fp32 lm_head weight gets its gradient in fp32. Outside autocast the call is unchanged."""
+
+    def decorate(loss_fn: Callable) -> Callable:
+        positional = [
+            name
+            for name, parameter in inspect.signature(loss_fn).parameters.items()
+            if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+
+        @functools.wraps(loss_fn)
+        def wrapper(*args, **kwargs):
+            first = args[0] if args else kwargs.get(positional[0])
+            dtype = _autocast_dtype(first)
+            if dtype is None:
+                return loss_fn(*args, **kwargs)
+
+            def cast(name: str, value):
+                eligible = name in operands and isinstance(value, Tensor) and value.dtype in _AUTOCAST_ELIGIBLE
+                return value.to(dtype) if eligible else value
+
+            # Extra positional arguments are passed on untouched, for loss_fn to refuse.
+            args = tuple(cast(positional[i] if i < len(positional) else "", value) for i, value in enumerate(args))
+            kwargs = {name: cast(name, value) for name, value in kwargs.items()}
+            with torch.autocast(first.device.type, enabled=False):
+                return loss_fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+@_follows_autocast(
+    "student_hidden", "student_weight", "student_bias", "teacher_hidden", "teacher_weight", "teacher_bias"
+)
 def sdpo_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -256,13 +349,18 @@ def sdpo_loss(
     Args:
         student_hidden: [N, H] or [B, T, H], fp32/bf16/fp16: the student's last hidden states at the
             positions that predict the completion tokens. Receives a gradient.
-        student_weight: [V, H], same dtype: the student's lm_head weight. Receives a gradient.
+        student_weight: [V, H], same dtype: the student's lm_head weight. Receives a gradient. Inside an enabled
+            ``torch.autocast`` the dtypes may differ (bf16 hidden states, fp32 weight): hidden states, weights and
+            biases are cast to autocast's dtype, as ``F.linear`` would, and the weight's gradient comes back fp32.
         teacher_hidden: [N, Ht] or [B, T, Ht] (same leading shape; Ht may differ from H): the teacher's.
         teacher_weight: [V, Ht]. The teacher never receives a gradient.
         student_bias, teacher_bias: [V] or None.
         mask: [N] or [B, T], 0/1: padding and samples without a teacher signal are 0.
-        target_ids: [N] or [B, T] int: the sampled tokens (needed for IS and ``target_logprobs``).
-        old_logprobs: [N] or [B, T]: the rollout policy's log-probs of ``target_ids``.
+        target_ids: [N] or [B, T] int: the sampled tokens (needed for IS and ``target_logprobs``), in [0, V) at
+            unmasked positions; masked positions may hold anything (Hugging Face's ``-100``): an out-of-range id
+            there reads as id 0.
+        old_logprobs: [N] or [B, T]: the rollout policy's log-probs of ``target_ids`` (anything, NaN or -inf
+            included, at masked positions).
         topk: K for the top-K support, or None for the full vocabulary.
         add_tail: append the tail bin (top-K only); otherwise renormalise the K log-probs.
         alpha: 0 = KL(teacher || student), 1 = KL(student || teacher), between = generalised JSD.
@@ -309,7 +407,7 @@ def sdpo_loss(
             f"vocab mismatch: student_weight has V={vocab} rows, teacher_weight has {teacher_weight.shape[0]}"
         )
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_call(
+    float_mask, target_ids = _checked_call(
         per_token, leading_shape, device, accumulation_dtype(student_hidden.dtype), vocab=vocab, topk=topk,
         alpha=alpha, is_clip=is_clip, temperature=temperature, reduction=reduction, normalizer=normalizer,
         backend=backend, logit_scale=logit_scale, logit_softcap=logit_softcap,
@@ -317,9 +415,9 @@ def sdpo_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
-    if backend == "auto":
-        fits_triton = topk is None or topk <= TRITON_MAX_TOPK
-        backend = "triton" if device.type == "cuda" and fits_triton else "torch"
+    policy = policy_for(device)
+    if backend != "reference":
+        backend = _fused_backend(backend, policy, student_hidden.dtype, topk)
     if backend == "reference":
         result = sdpo_loss_reference(
             student_hidden,
@@ -344,8 +442,6 @@ def sdpo_loss(
         )
         return _package(result, return_outputs, target_ids, is_clip, float_mask)
 
-    if backend == "triton" and topk is not None and topk > TRITON_MAX_TOPK:
-        raise ValueError(f"topk={topk} exceeds the Triton kernels' maximum {TRITON_MAX_TOPK}: use backend='torch'")
     row_ops = _triton_row_ops(device) if backend == "triton" else torch_row_ops
     num_tokens = leading_shape.numel()
     # A scalar loss has a scalar upstream gradient: the Function folds the reduction into per-token
@@ -359,15 +455,16 @@ def sdpo_loss(
         is_clip=None if is_clip is None else float(is_clip),
         temperature=float(temperature),
         grad_in_forward=grad_in_forward,
-        chunk_size=chunk_size or default_chunk_size(num_tokens, vocab, device),
+        chunk_size=chunk_size or policy.chunk_rows(num_tokens, vocab, student_hidden.shape[-1]),
         logit_scale=float(logit_scale),
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
+        policy=policy,
     )
     fused = ChunkedSDPOFunction.apply(
-        student_hidden.reshape(num_tokens, -1),
+        student_hidden.reshape(num_tokens, student_hidden.shape[-1]),
         student_weight,
         student_bias,
-        teacher_hidden.detach().reshape(num_tokens, -1),
+        teacher_hidden.detach().reshape(num_tokens, teacher_hidden.shape[-1]),
         teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(),
         None if target_ids is None else target_ids.reshape(-1).long(),
@@ -390,7 +487,7 @@ def _row_weight(float_mask: Tensor, reduction: str, normalizer, token_weights: T
 
 def _fused_result(fused: tuple, float_mask: Tensor, token_weights: Tensor | None, *, use_is: bool) -> dict:
     """The fused Functions' outputs, reshaped to the tokens' leading shape, as the dict ``_package`` reads."""
-    loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, divergence = fused
+    loss, target_logprobs, teacher_target_logprobs, is_weight, topk_mass, divergence, entropy = fused
     leading_shape = float_mask.shape
     unreduced_weight = float_mask * is_weight.reshape(leading_shape)
     if token_weights is not None:
@@ -402,6 +499,7 @@ def _fused_result(fused: tuple, float_mask: Tensor, token_weights: Tensor | None
         "teacher_target_logprobs": teacher_target_logprobs.reshape(leading_shape),
         "is_weight": is_weight.reshape(leading_shape) if use_is else None,
         "topk_mass": topk_mass.reshape(leading_shape),
+        "entropy": torch.where(float_mask != 0, entropy.reshape(leading_shape), 0.0),
     }
 
 
@@ -416,7 +514,8 @@ def _package(result: dict, return_outputs: bool, target_ids, is_clip, mask: Tens
         teacher_target_logprobs=result["teacher_target_logprobs"] if has_targets else None,
         is_weight=result["is_weight"],
         topk_mass=result["topk_mass"],
-        metrics=_metrics(result["is_weight"], is_clip, result["topk_mass"], mask),
+        metrics=_metrics(result["is_weight"], is_clip, result["topk_mass"], result["entropy"], mask),
+        entropy=result["entropy"],
     )
 
 
@@ -461,7 +560,7 @@ def sdpo_loss_from_logits(
         raise ValueError(f"student_logits must be [N, V] or [B, T, V], got shape {tuple(student_logits.shape)}")
     leading_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_call(
+    float_mask, target_ids = _checked_call(
         per_token, leading_shape, device, accumulation_dtype(student_logits.dtype), vocab=vocab, topk=topk,
         alpha=alpha, is_clip=is_clip, temperature=temperature, reduction=reduction, normalizer=normalizer,
         backend="reference", logit_scale=logit_scale, logit_softcap=logit_softcap,

@@ -114,6 +114,13 @@ def support_divergence(student_support: Tensor, teacher_support: Tensor, *, add_
     return generalized_jsd(student_support, teacher_support, alpha)
 
 
+def entropy_of(log_probs: Tensor) -> Tensor:
+    """``-sum p log p`` over the last dimension from full-vocabulary log-probs, detached (``0 log 0 = 0``)."""
+    log_probs = log_probs.detach()
+    probs = log_probs.exp()
+    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
+
+
 def importance_weight(target_logprobs: Tensor, old_logprobs: Tensor, is_clip: float) -> Tensor:
     """``min(exp(clamp(logp - old, -20, 20)), is_clip)``, detached."""
     log_ratio = torch.clamp(
@@ -137,7 +144,9 @@ def reduce_per_token_loss(
     if reduction == "token-mean":
         denominator = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
         return per_token.sum() / denominator
-    per_sequence_loss = per_token.reshape(-1, per_token.shape[-1]) if per_token.dim() > 0 else per_token.reshape(1, 1)
+    # [B, T] or one sequence [N] (explicit sizes: T or N may be 0); a 0-dim loss is one sequence of one token
+    rows = per_token.shape[:-1].numel()
+    per_sequence_loss = per_token.reshape(rows, per_token.shape[-1]) if per_token.dim() > 0 else per_token.reshape(1, 1)
     per_sequence_mask = mask.reshape(per_sequence_loss.shape)
     per_sequence = per_sequence_loss.sum(-1)
     if reduction == "seq-mean-token-mean":
@@ -171,7 +180,8 @@ def sdpo_loss_reference_from_logits(
     Returns a dict with ``loss`` (reduced as asked), ``per_token_loss`` (``[...]``, before the reduction,
     masked, detached), ``target_logprobs`` (``[...]``, with gradient;
     ``None`` without ``target_ids``), ``teacher_target_logprobs`` (detached), ``is_weight`` (``[...]``,
-    detached; ``None`` without IS) and ``topk_mass`` (``[...]``, detached).
+    detached; ``None`` without IS), ``topk_mass`` and ``entropy`` (``[...]``, detached; the student's entropy over
+    the full vocabulary at the temperature, 0 at masked positions).
     """
     leading_shape = student_logits.shape[:-1]
     vocab = student_logits.shape[-1]
@@ -198,8 +208,8 @@ def sdpo_loss_reference_from_logits(
         teacher_logp = torch.log_softmax(teacher_z, -1)
         teacher_target_logprobs = teacher_logp.gather(-1, target_index).squeeze(-1)
     return _weighted_and_reduced(
-        divergence, target_logprobs, teacher_target_logprobs, topk_mass, leading_shape, mask=mask,
-        old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights, reduction=reduction,
+        divergence, target_logprobs, teacher_target_logprobs, topk_mass, entropy_of(student_logp), leading_shape,
+        mask=mask, old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights, reduction=reduction,
         normalizer=normalizer,
     )  # fmt: skip
 
@@ -209,6 +219,7 @@ def _weighted_and_reduced(
     target_logprobs: Tensor | None,
     teacher_target_logprobs: Tensor | None,
     topk_mass: Tensor,
+    entropy: Tensor,
     leading_shape: torch.Size,
     *,
     mask: Tensor | None,
@@ -218,7 +229,8 @@ def _weighted_and_reduced(
     reduction: str,
     normalizer: Tensor | float | None,
 ) -> dict[str, Tensor | None]:
-    """From the per-row divergence ``[N]``: IS weight, token weights, mask, reduction; the reference's dict."""
+    """From the per-row divergence ``[N]`` (and the student's entropy): IS weight, token weights, mask, reduction;
+    the reference's dict."""
     per_token = divergence
     is_weight = None
     if old_logprobs is not None and is_clip is not None:
@@ -242,6 +254,7 @@ def _weighted_and_reduced(
         "teacher_target_logprobs": unflatten(teacher_target_logprobs),
         "is_weight": unflatten(is_weight),
         "topk_mass": unflatten(topk_mass.detach()),
+        "entropy": unflatten(torch.where(flat_mask != 0, entropy, torch.zeros_like(entropy))),
     }
 
 
@@ -305,7 +318,7 @@ def sdpo_loss_reference_from_teacher_topk(
     if target_ids is not None:
         target_logprobs = student_logp.gather(-1, target_ids.reshape(-1, 1).long()).squeeze(-1)
     return _weighted_and_reduced(
-        divergence, target_logprobs, None, student_support.detach().exp().sum(-1), leading_shape, mask=mask,
-        old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights, reduction=reduction,
-        normalizer=normalizer,
+        divergence, target_logprobs, None, student_support.detach().exp().sum(-1), entropy_of(student_logp),
+        leading_shape, mask=mask, old_logprobs=old_logprobs, is_clip=is_clip, token_weights=token_weights,
+        reduction=reduction, normalizer=normalizer,
     )  # fmt: skip

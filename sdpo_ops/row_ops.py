@@ -29,6 +29,17 @@ def _on_load(buffer: Tensor, pre_scale: float, softcap_bound: float | None) -> T
     return logits if softcap_bound is None else softcap_bound * torch.tanh(logits)
 
 
+def _entropy_into(entropy: Tensor | None, logits: Tensor) -> None:
+    """``entropy = -sum_j p_j log p_j`` per row (``p = softmax(logits)``; ``-inf`` logits add 0), when asked."""
+    if entropy is None:
+        return
+    # log_softmax shifts by the row max before subtracting the log-sum-exp: no cancellation at logits of 1e4
+    log_probs = torch.log_softmax(logits, -1)
+    # -inf log-probs become the most negative float: p = 0 exactly, and 0 * finite = 0 instead of NaN
+    log_probs.clamp_(min=torch.finfo(log_probs.dtype).min)
+    entropy.copy_(-torch.linalg.vecdot(log_probs.exp(), log_probs))
+
+
 def _into(out: tuple[Tensor, ...] | None, values: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     if out is None:
         return values
@@ -45,6 +56,7 @@ def student_row_stats(
     out: tuple[Tensor, ...] | None = None,
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-sum-exp, top-K and target logit per row of the student's logits.
 
@@ -53,12 +65,14 @@ def student_row_stats(
         topk: K >= 0 (0: no top-K, e.g. full-vocabulary mode).
         target_ids: [C] int64 or None.
         out: ``(lse, topk_logits, topk_index, target_logit)`` to write into, else allocated.
+        entropy: [C] to write each row's entropy into (of ``softmax(logits)``), or None.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``; ``target_logit`` is
         zeros when ``target_ids`` is None. Top-K order is unspecified (ties: any consistent choice).
     """
     logits = _on_load(logits, pre_scale, softcap_bound)
     lse = torch.logsumexp(logits, dim=-1)
+    _entropy_into(entropy, logits)
     if topk > 0:
         topk_logits, topk_index = torch.topk(logits, topk, dim=-1, sorted=False)
     else:
@@ -76,6 +90,7 @@ def teacher_row_stats(
     out: tuple[Tensor, ...] | None = None,
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
+    entropy: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-sum-exp per row of the teacher's logits, the logits at the given columns and at the target.
 
@@ -84,11 +99,13 @@ def teacher_row_stats(
         index: [C, J] int64 (the student's top-K columns).
         target_ids: [C] int64 or None.
         out: ``(lse, gathered, target_logit)`` to write into, else allocated.
+        entropy: [C] to write each row's entropy into (a top-K teacher's stage reads the student's logits), or None.
     Returns:
         ``(lse [C], gathered [C, J], target_logit [C])``; ``target_logit`` is zeros without targets.
     """
     logits = _on_load(logits, pre_scale, softcap_bound)
     lse = torch.logsumexp(logits, dim=-1)
+    _entropy_into(entropy, logits)
     target_logit = torch.zeros_like(lse) if target_ids is None else logits.gather(1, target_ids[:, None]).squeeze(1)
     return _into(out, (lse, logits.gather(1, index), target_logit))
 

@@ -29,6 +29,7 @@ class RowOutputs(NamedTuple):
     student_lse: Tensor
     teacher_lse: Tensor
     topk_index: Tensor  # [N, K] int64: the student's top-K columns, or a top-K teacher's ids
+    entropy: Tensor  # the student's entropy over the full vocabulary (logging), from the log-sum-exp's pass
 
     @classmethod
     def allocate(
@@ -55,6 +56,7 @@ class RowOutputs(NamedTuple):
             topk_index=torch.empty(num_tokens, topk, dtype=torch.int64, device=device)
             if topk_index is None
             else topk_index,
+            entropy=row(),
         )
 
     def rows(self, rows: slice) -> RowOutputs:

@@ -17,12 +17,15 @@ import torch
 from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
-from sdpo_ops.chunked import FusedOptions, TeacherTopKSDPOFunction, accumulation_dtype, default_chunk_size
+from sdpo_ops.chunked import FusedOptions, TeacherTopKSDPOFunction, accumulation_dtype
+from sdpo_ops.device_policy import policy_for
 from sdpo_ops.loss import (
     SDPOOutput,
     _check_side,
     _check_tensor,
     _checked_call,
+    _follows_autocast,
+    _fused_backend,
     _fused_result,
     _package,
     _row_weight,
@@ -60,9 +63,38 @@ def _check_teacher_topk(logprobs, ids, student_hidden: Tensor, vocab: int) -> in
     return topk
 
 
+def _with_stand_ins(logprobs: Tensor, ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``[M, K]`` views with masked positions replaced: distinct in-range ids and log-probs 0 (TRL zeroes them), so
+    neither a check nor a stage meets server padding there. ``mask``: ``[M]``, nonzero where the position counts."""
+    num_tokens, topk = ids.shape[:-1].numel(), ids.shape[-1]
+    keep = (mask.reshape(num_tokens, 1) != 0).expand(num_tokens, topk)
+    stand_in_ids = torch.arange(topk, device=ids.device).expand(num_tokens, topk)
+    ids = torch.where(keep, ids.reshape(num_tokens, topk).long(), stand_in_ids)
+    return torch.where(keep, logprobs.detach().reshape(num_tokens, topk), 0.0), ids
+
+
+def validate_teacher_topk(logprobs: Tensor, ids: Tensor, vocab: int, mask: Tensor | None = None) -> None:
+    """Raise the ``ValueError`` :func:`sdpo_loss_from_teacher_topk` would for these teacher values: at unmasked
+    positions ids in ``[0, vocab)`` and distinct, log-probs ``<= 0`` (up to rounding) and not NaN.
+
+    Free on host tensors; on CUDA ones it is a host sync. A served teacher's data arrive on the host: check them
+    there, before they move to the GPU, and call the loss with ``validate_teacher=False`` (its own check would be
+    a sync that waits for the student's queued forward). Shapes are the loss's: ``[..., K]`` and ``mask`` ``[...]``.
+    """
+    if ids.shape != logprobs.shape or ids.dim() < 1:
+        raise ValueError(f"teacher_topk_ids shape {tuple(ids.shape)} must equal teacher_topk_logprobs shape "
+                         f"{tuple(logprobs.shape)}, [..., K]")  # fmt: skip
+    if mask is None:
+        mask = torch.ones(ids.shape[:-1], device=ids.device)
+    elif mask.shape != ids.shape[:-1]:
+        raise ValueError(f"mask must have shape {tuple(ids.shape[:-1])} (the teacher inputs' leading shape), "
+                         f"got {tuple(mask.shape)}")  # fmt: skip
+    _check_teacher_values(*_with_stand_ins(logprobs, ids, mask.to(ids.device)), vocab)
+
+
 def _check_teacher_values(logprobs: Tensor, ids: Tensor, vocab: int) -> None:
     """At unmasked positions (masked rows were already replaced): ids in range and distinct, log-probs <= 0 up to
-    rounding and not NaN. One host sync, before any kernel runs; meta tensors (dry runs) hold no values."""
+    rounding and not NaN. One host sync on CUDA, before any kernel runs; meta tensors (dry runs) hold no values."""
     if ids.device.type == "meta" or ids.numel() == 0:
         return
     low, high = torch.aminmax(ids)
@@ -94,6 +126,7 @@ def _check_teacher_values(logprobs: Tensor, ids: Tensor, vocab: int) -> None:
         )
 
 
+@_follows_autocast("student_hidden", "student_weight", "student_bias")
 def sdpo_loss_from_teacher_topk(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -115,6 +148,7 @@ def sdpo_loss_from_teacher_topk(
     logit_softcap: float | None = None,
     backend: str = "auto",
     return_outputs: bool = False,
+    validate_teacher: bool = True,
 ) -> Tensor | SDPOOutput:
     """SDPO loss against a teacher given as its top-K log-probs and ids, without the student's ``[N, V]`` logits.
 
@@ -130,14 +164,16 @@ def sdpo_loss_from_teacher_topk(
     Args:
         student_hidden: [N, H] or [B, T, H], fp32/bf16/fp16: the student's last hidden states at the positions that
             predict the completion tokens. Receives a gradient.
-        student_weight: [V, H], same dtype: the student's lm_head weight. Receives a gradient.
+        student_weight: [V, H], same dtype: the student's lm_head weight. Receives a gradient. Inside an enabled
+            ``torch.autocast`` the head runs in autocast's dtype, as in :func:`sdpo_ops.sdpo_loss`.
         teacher_topk_logprobs: [N, K] or [B, T, K], floating, detached: the teacher's log-probs normalised over its
             full vocabulary (as vLLM returns them), at the same temperature as the student's.
         teacher_topk_ids: same shape, int, in [0, V), distinct per position: the teacher's top-K ids. At masked
             positions both may hold anything (``-inf``, repeated or out-of-range padding): they are never read.
         student_bias: [V] or None.
         mask: [N] or [B, T], 0/1: padding and samples without a teacher signal are 0.
-        target_ids: [N] or [B, T] int: the sampled tokens (needed for IS and ``target_logprobs``).
+        target_ids: [N] or [B, T] int: the sampled tokens (needed for IS and ``target_logprobs``); masked positions
+            may hold anything (``-100``), as in :func:`sdpo_ops.sdpo_loss`.
         old_logprobs: [N] or [B, T]: the rollout policy's log-probs of ``target_ids``.
         add_tail: append the tail bin (the mass outside the K ids); otherwise renormalise the K log-probs.
         alpha: 0 = KL(teacher || student), 1 = KL(student || teacher), between = generalised JSD.
@@ -150,6 +186,11 @@ def sdpo_loss_from_teacher_topk(
         backend: "auto" | "triton" | "torch" | "reference".
         return_outputs: return an :class:`SDPOOutput` (``teacher_target_logprobs`` None: not known here;
             ``topk_mass`` is the student's probability on the teacher's K ids).
+        validate_teacher: check the teacher's values (:func:`validate_teacher_topk`): on CUDA tensors a host sync,
+            which waits for everything queued before the call (the student's forward). False: the caller checked
+            them already, on the host before they moved to the device (the TRL adapter's served teacher does);
+            unchecked bad values give undefined results instead of a ``ValueError``. Shapes, dtypes, devices
+            and ``target_ids`` are checked either way (no sync).
 
     Returns:
         The loss (0-dim, or per-token for ``reduction="none"``), or an :class:`SDPOOutput`.
@@ -175,23 +216,22 @@ def sdpo_loss_from_teacher_topk(
     leading_shape = student_hidden.shape[:-1]
     dtype = accumulation_dtype(student_hidden.dtype)
     per_token = {"mask": mask, "target_ids": target_ids, "old_logprobs": old_logprobs, "token_weights": token_weights}
-    float_mask = _checked_call(
+    float_mask, target_ids = _checked_call(
         per_token, leading_shape, device, dtype, vocab=vocab, topk=topk, alpha=alpha, is_clip=is_clip,
         temperature=temperature, reduction=reduction, normalizer=normalizer, backend=backend,
         logit_scale=logit_scale, logit_softcap=logit_softcap,
     )  # fmt: skip
 
-    # Masked positions: distinct in-range ids and log-probs 0 (TRL zeroes them), so no stage meets padding.
     num_tokens = leading_shape.numel()
-    keep = (float_mask.reshape(num_tokens, 1) != 0).expand(num_tokens, topk)
-    stand_in_ids = torch.arange(topk, device=device).expand(num_tokens, topk)
-    ids = torch.where(keep, teacher_topk_ids.reshape(num_tokens, topk).long(), stand_in_ids)
-    logprobs = teacher_topk_logprobs.detach().reshape(num_tokens, topk)
-    _check_teacher_values(torch.where(keep, logprobs, 0.0), ids, vocab)
-    logprobs = torch.where(keep, logprobs.to(dtype), 0.0)
+    logprobs, ids = _with_stand_ins(teacher_topk_logprobs, teacher_topk_ids, float_mask)
+    if validate_teacher:
+        _check_teacher_values(logprobs, ids, vocab)
+    logprobs = logprobs.to(dtype)
 
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+    policy = policy_for(device)
+    if backend != "reference":
+        # no top-K selection here (the teacher's ids are given): any K runs on the Triton kernels
+        backend = _fused_backend(backend, policy, student_hidden.dtype, None)
     if backend == "reference":
         result = sdpo_loss_reference_from_teacher_topk(
             student_hidden,
@@ -223,12 +263,13 @@ def sdpo_loss_from_teacher_topk(
         temperature=float(temperature),
         # a scalar loss's gradient is formed in forward; "none" gets a per-token upstream gradient in backward
         grad_in_forward=reduction != "none",
-        chunk_size=default_chunk_size(num_tokens, vocab, device),
+        chunk_size=policy.chunk_rows(num_tokens, vocab, student_hidden.shape[-1]),
         logit_scale=float(logit_scale),
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
+        policy=policy,
     )
     fused = TeacherTopKSDPOFunction.apply(
-        student_hidden.reshape(num_tokens, -1),
+        student_hidden.reshape(num_tokens, student_hidden.shape[-1]),
         student_weight,
         student_bias,
         logprobs,

@@ -29,8 +29,15 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def make_model(vocab_size: int, *, seed: int = 0, tie_word_embeddings: bool = False, **overrides) -> Qwen2ForCausalLM:
-    """A 2-layer Qwen2 with hidden size 32, random weights (fp32, eval mode)."""
+def make_model(
+    vocab_size: int,
+    *,
+    seed: int = 0,
+    tie_word_embeddings: bool = False,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Qwen2ForCausalLM:
+    """A 2-layer Qwen2 with hidden size 32, random weights (``dtype``: the fp32 initialisation, cast), eval mode."""
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size,
@@ -47,10 +54,12 @@ def make_model(vocab_size: int, *, seed: int = 0, tie_word_embeddings: bool = Fa
     # Random init of this size gives near-uniform logits; a wider spread makes the loss (and bugs) visible.
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
-    return model.eval()
+    return model.to(dtype).eval()
 
 
-def make_opt_model(vocab_size: int, *, seed: int = 0, **overrides) -> OPTForCausalLM:
+def make_opt_model(
+    vocab_size: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> OPTForCausalLM:
     """A 2-layer OPT with hidden size 32 and OPT's default ``dropout=0.1``: applied functionally
     (``nn.functional.dropout``), so TRL's ``disable_dropout`` leaves it live in training mode."""
     torch.manual_seed(seed)
@@ -69,7 +78,7 @@ def make_opt_model(vocab_size: int, *, seed: int = 0, **overrides) -> OPTForCaus
     # Tied head and embeddings: widen the logits 5x (20x would make the model echo its input).
     with torch.no_grad():
         model.lm_head.weight.mul_(5.0)
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 # Heads that post-process `lm_head(hidden)`, as each model's own forward does it (transformers 5, modeling_*.py):
@@ -86,10 +95,12 @@ LOGIT_TRANSFORMS = {
 HEAD_GAINS = {"gemma2": 20.0, "cohere": 80.0, "granite": 80.0}
 
 
-def make_transformed_head_model(model_type: str, vocab_size: int, *, seed: int = 0, **overrides):
+def make_transformed_head_model(
+    model_type: str, vocab_size: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+):
     """A 2-layer ``model_type`` causal LM with hidden size 32, untied, ``LOGIT_TRANSFORMS[model_type]`` set (if
     any), random weights, the head widened by ``HEAD_GAINS[model_type]`` (default 20, as :func:`make_model`),
-    fp32, eval mode."""
+    ``dtype``, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -108,7 +119,7 @@ def make_transformed_head_model(model_type: str, vocab_size: int, *, seed: int =
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **options))
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(HEAD_GAINS.get(model_type, 20.0))
-    return model.eval()
+    return model.to(dtype).eval()
 
 
 PROMPTS = ["add 2 and 3", "name a color", "spell cat", "count to 4"]
@@ -130,10 +141,8 @@ def chat_dataset(**columns):
     return Dataset.from_dict({"prompt": [[{"role": "user", "content": text}] for text in PROMPTS], **columns})
 
 
-def tiny_sdpo_config(output_dir, **overrides):
-    """An ``SDPOConfig`` for two CPU steps on one group of 4 completions of 8 tokens, fp32, plain SGD."""
-    from sdpo_ops.adapters.trl import SDPOConfig
-
+def _tiny_trainer_options(output_dir, **overrides) -> dict:
+    """The options of :func:`tiny_sdpo_config` and :func:`tiny_sdft_config` (fields both configs have)."""
     options = {
         "output_dir": str(output_dir),
         "per_device_train_batch_size": 4,
@@ -151,10 +160,28 @@ def tiny_sdpo_config(output_dir, **overrides):
         "logging_steps": 1,
         "report_to": "none",
         "use_cpu": True,
-        "bf16": False,  # TRL defaults to bf16 autocast; the equivalence is checked in fp32
+        "bf16": False,  # TRL defaults to bf16 autocast; the equivalence is checked without it
+        # TRL loads a model path in float32 unless told; "auto" keeps the saved dtype (float64 for the equivalence
+        # tests, tolerances.TRAINER_DTYPE). TRL builds its teacher copy with the same kwargs.
+        "model_init_kwargs": {"dtype": "auto"},
         "seed": 0,
         "save_strategy": "no",
         "disable_tqdm": True,
     }
     options.update(overrides)
-    return SDPOConfig(**options)
+    return options
+
+
+def tiny_sdpo_config(output_dir, **overrides):
+    """An ``SDPOConfig`` for two CPU steps on one group of 4 completions of 8 tokens, no autocast, plain SGD, the
+    model (and TRL's teacher copy of it) loaded in the dtype it was saved in."""
+    from sdpo_ops.adapters.trl import SDPOConfig
+
+    return SDPOConfig(**_tiny_trainer_options(output_dir, **overrides))
+
+
+def tiny_sdft_config(output_dir, **overrides):
+    """An ``SDFTConfig`` with :func:`tiny_sdpo_config`'s options (two CPU steps, 4 completions of 8 tokens, SGD)."""
+    from sdpo_ops.adapters.trl import SDFTConfig
+
+    return SDFTConfig(**_tiny_trainer_options(output_dir, **overrides))

@@ -6,8 +6,7 @@ import pytest
 import torch
 from adapters_tiny import LOGIT_TRANSFORMS, make_model, make_tokenizer, make_transformed_head_model
 
-from sdpo_ops.adapters import EMATeacher, build_sdpo_batch, build_teacher_batch, sdpo_step
-from sdpo_ops.adapters.step import positions_from_mask
+from sdpo_ops.adapters import EMATeacher, build_sdpo_batch, build_teacher_batch, positions_from_mask, sdpo_step
 from sdpo_ops.reference import sdpo_loss_reference_from_logits
 
 PROMPTS = [

@@ -8,7 +8,7 @@ module form, the logits entry point, the metrics, and the memory bound (no ``[N,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -18,7 +18,8 @@ from tolerances import ELEMENTWISE
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from sdpo_ops import SDPOLoss, SDPOOutput, chunked, sdpo_loss, sdpo_loss_from_logits
+from sdpo_ops import SDPOLoss, SDPOOutput, sdpo_loss, sdpo_loss_from_logits
+from sdpo_ops.device_policy import CPU_POLICY, use_policy
 
 REDUCTIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum", "none")
 
@@ -210,6 +211,8 @@ def assert_matches_reference(case: Case, dtype: torch.dtype) -> None:
     assert out.loss.shape == (case.leading_shape if case.reduction == "none" else ())
     # Diagnostics have no documented dtype (the reference keeps the full-vocabulary mass of 1 in fp32).
     torch.testing.assert_close(out.topk_mass, expected.topk_mass, **tolerance, check_dtype=False)
+    torch.testing.assert_close(out.entropy, expected.entropy, **tolerance)
+    assert not out.entropy.requires_grad and out.entropy.shape == case.leading_shape
     if case.is_mode == "on":
         torch.testing.assert_close(out.is_weight, expected.is_weight, **tolerance)
     else:
@@ -474,20 +477,21 @@ def test_second_backward_of_a_retained_graph_recomputes_what_the_first_handed_ov
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
-def test_dz_staged_over_several_chunks_per_dw_pass(backend, monkeypatch):
-    # CUDA stages >= 1536 rows (several chunks) per dW pass, CPU one chunk: make the CPU stage 3 chunks of 2 rows,
+def test_dz_staged_over_several_chunks_per_dw_pass(backend):
+    # CUDA stages >= 1920 rows (several chunks) per dW pass, CPU one chunk: make the CPU stage 3 chunks of 2 rows,
     # with a last, partial pass, so the staging that runs on GPUs is checked against the reference here
-    monkeypatch.setitem(chunked.DW_STAGE_ROWS, "cpu", 5)
+    policy = replace(CPU_POLICY, dw_stage_rows=5)
     hidden, weight, teacher_hidden, teacher_weight, target_ids = _small_inputs(seed=7, shape=(9,))
     bias = torch.randn(weight.shape[0])
     grads = {}
     for name in (backend, "reference"):
         leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-        loss = sdpo_loss(leaves[0], leaves[1], teacher_hidden, teacher_weight, student_bias=leaves[2],
-                         target_ids=target_ids, topk=4, backend=name, chunk_size=2)  # fmt: skip
+        with use_policy(policy):
+            loss = sdpo_loss(leaves[0], leaves[1], teacher_hidden, teacher_weight, student_bias=leaves[2],
+                             target_ids=target_ids, topk=4, backend=name, chunk_size=2)  # fmt: skip
         loss.backward()
         grads[name] = [leaf.grad for leaf in leaves]
-    assert chunked.stage_rows_for(chunked.FusedOptions(4, True, 0.5, 2.0, 1.0, 2, True), 9, hidden.device) == 6
+    assert policy.stage_rows(2, 9) == 6
     for actual, expected in zip(grads[backend], grads["reference"], strict=True):
         torch.testing.assert_close(actual, expected, **ELEMENTWISE[torch.float32])
 
@@ -605,6 +609,7 @@ def test_metrics_match_hand_computation(entry, topk):
 
     ratio = torch.exp(target_logprobs - old_logprobs)
     probs = torch.softmax(logits / temperature, -1)
+    entropy = -(probs * probs.log()).sum(-1)
     mass = (
         torch.ones(shape, dtype=torch.float64)
         if topk is None
@@ -615,6 +620,7 @@ def test_metrics_match_hand_computation(entry, topk):
         "is_weight_mean": (torch.clamp(ratio, max=is_clip) * mask).sum() / count,
         "is_clipped_fraction": ((ratio > is_clip).double() * mask).sum() / count,
         "topk_mass_mean": (mass * mask).sum() / count,
+        "entropy_mean": (entropy * mask).sum() / count,
     }
     assert 0 < float(expected["is_clipped_fraction"]) < 1, "the draw must put ratios on both sides of is_clip"
     assert out.metrics.keys() == expected.keys()
@@ -623,6 +629,7 @@ def test_metrics_match_hand_computation(entry, topk):
         torch.testing.assert_close(out.metrics[key].double(), value, **ELEMENTWISE[torch.float32], msg=key)
     torch.testing.assert_close(out.is_weight.double(), torch.clamp(ratio, max=is_clip), **ELEMENTWISE[torch.float32])
     torch.testing.assert_close(out.topk_mass.double(), mass, **ELEMENTWISE[torch.float32])
+    torch.testing.assert_close(out.entropy.double(), entropy * mask, **ELEMENTWISE[torch.float32])
 
 
 def test_metrics_without_importance_sampling():

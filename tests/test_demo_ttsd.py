@@ -163,3 +163,11 @@ def test_bad_ttsd_arguments_are_refused_naming_the_argument(argv, named, capsys)
         ttsd.parse_args(argv)
     assert error.value.code == 2
     assert named in capsys.readouterr().err
+
+
+def test_a_run_without_success_says_so():
+    """The per-run line names the first success, or says there was none (never "attempt None")."""
+    failed = {"first_success": None, "attempts": 32, "steps": 4, "time_s": 12.3}
+    assert ttsd.describe_run(failed) == "no success in 32 attempts after 4 SDPO steps (12 s)"
+    solved = {"first_success": 11, "attempts": 12, "steps": 2, "time_s": 3.0}
+    assert ttsd.describe_run(solved) == "first success at attempt 11 after 2 SDPO steps (3 s)"

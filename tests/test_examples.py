@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import re
 import runpy
 import subprocess
 import sys
@@ -86,41 +85,3 @@ def test_train_plain_pytorch_resume_equals_uninterrupted(tmp_path, monkeypatch, 
     assert len(expected["losses"]) == 4 and any(loss > 0 for loss in expected["losses"][2:])
     for key in ("losses", "mean_rewards", "student_change", "teacher_change"):
         assert actual[key] == expected[key], key
-
-
-README = REPO / "README.md"
-README_MODEL_LINE = 'model = "HuggingFaceTB/SmolLM2-135M-Instruct"'
-README_OUTPUT_LINE = 'output_dir="sdpo-out",'
-README_TOPK = "distillation_topk=100"  # the tiny model's vocabulary has 84 tokens
-
-
-def _readme_block(containing: str) -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
-    matching = [block for block in blocks if containing in block]
-    assert len(matching) == 1, f"README.md should have one python block with {containing!r}"
-    return matching[0]
-
-
-def test_readme_trl_example_runs(tmp_path):
-    """The README's TRL block as written, on a tiny local model for one CPU step instead of SmolLM2 on a GPU.
-
-    Its dataset is in chat format, so the reward function receives message lists: the block's reward must
-    handle them (and plain strings, checked directly)."""
-    pytest.importorskip("trl")
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from adapters_tiny import make_model, make_tokenizer, save_model
-
-    code = _readme_block("SDPOTrainer(model=model")
-    assert all(line in code for line in (README_MODEL_LINE, README_OUTPUT_LINE, README_TOPK)), "update this test"
-    tokenizer = make_tokenizer()
-    model_dir = save_model(tmp_path / "tiny", tokenizer, make_model(len(tokenizer)))
-    code = code.replace(README_MODEL_LINE, f"model = {model_dir!r}")
-    cpu_step = f'output_dir={str(tmp_path / "out")!r}, use_cpu=True, bf16=False, report_to="none", max_steps=1,'
-    code = code.replace(README_OUTPUT_LINE, cpu_step).replace(README_TOPK, "distillation_topk=20")
-    namespace: dict = {}
-    exec(compile(code, str(README), "exec"), namespace)  # noqa: S102 - the README is this repository's own file
-    assert namespace["trainer"].state.global_step == 1
-
-    result = namespace["reward"](["7 + 8 = 15", [{"role": "assistant", "content": "It is 6"}]], answer=["15", "7"])
-    assert result.scores == [1.0, 0.0]
-    assert result.feedback[0] is None and "7" in result.feedback[1]

@@ -18,7 +18,7 @@ from tolerances import ELEMENTWISE
 
 from sdpo_ops import row_ops as torch_ops
 from sdpo_ops.kernels import row_ops as triton_ops
-from sdpo_ops.reference import generalized_jsd
+from sdpo_ops.reference import entropy_of, generalized_jsd
 from sdpo_ops.row_outputs import RowOutputs
 
 # The interpreter evaluates IEEE arithmetic with numpy, which warns where a GPU is silent: log(0) = -inf for a
@@ -124,6 +124,20 @@ def test_student_row_stats_prefers_lower_column_on_ties_and_sorts_descending():
 
 
 @pytest.mark.interpret
+@pytest.mark.parametrize("block_v", [2, 16])
+def test_student_row_stats_ties_between_signed_zeros_follow_the_lower_column(block_v):
+    # -0.0 == +0.0: a tie, so the lower column wins, whichever of them carries the sign (issue 17, item 9); with
+    # block_v=2 the zeros are the maxima of different sub-blocks, so the block selection meets the tie as well
+    for first, second in ((0.0, -0.0), (-0.0, 0.0)):
+        logits = torch.tensor([[-3.0, first, -1.0, second, -2.0, -5.0]])
+        _, topk_logits, topk_index, _ = triton_ops.student_row_stats(logits, 1, None, block_v=block_v)
+        assert topk_index.tolist() == [[1]], (first, second)
+        assert topk_logits.tolist() == [[0.0]]
+        _, _, topk_index, _ = triton_ops.student_row_stats(logits, 2, None, block_v=block_v)
+        assert topk_index.tolist() == [[1, 3]], (first, second)
+
+
+@pytest.mark.interpret
 def test_student_row_stats_without_target_strided_and_all_masked_row():
     buffer = _hard_logits(3, 40, seed=7)
     buffer[2] = -math.inf  # a fully masked row: lse -inf like torch, top-K still K distinct columns
@@ -169,6 +183,33 @@ def test_student_topk_is_exact_with_lower_column_ties(V, k_fraction, block_v, di
     torch.testing.assert_close(topk_logits, logits.gather(1, topk_index), rtol=0, atol=0)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("path", ["few survivors", "overflow: ties", "K = V", "-inf", "overflow: -inf"])
+def test_student_topk_ties_k_equals_v_and_inf(path):
+    # block_v=16 gives SUB=2: many candidate blocks; ties, K = V and K past the finite entries
+    V, K = 96, 5
+    gen = torch.Generator().manual_seed(5)
+    row = torch.randn(V, generator=gen)
+    if path == "overflow: ties":
+        row = torch.randint(0, 2, (V,), generator=gen).float()
+    elif path == "K = V":
+        K = V
+    elif path == "-inf":
+        row[torch.rand(V, generator=gen) < 0.3] = -math.inf
+    elif path == "overflow: -inf":  # fewer finite values than K: the threshold is -inf
+        row[torch.rand(V, generator=gen) < 0.97] = -math.inf
+    logits = row[None].repeat(2, 1)
+    logits[1] = logits[1].flip(0)
+    entropy = torch.empty(2)
+    lse, topk_logits, topk_index, _ = triton_ops.student_row_stats(logits, K, None, entropy=entropy, block_v=16)
+    for r in range(2):
+        order = sorted(range(V), key=lambda j: (-logits[r, j].item(), j))[:K]
+        assert topk_index[r].tolist() == order
+    torch.testing.assert_close(topk_logits, logits.gather(1, topk_index), rtol=0, atol=0)
+    _assert_close(lse, torch.logsumexp(logits.double(), -1).float())
+    _assert_close(entropy, _fp64_entropy(logits))
+
+
 def test_student_row_stats_rejects_bad_arguments():
     logits = torch.zeros(2, 10)
     with pytest.raises(ValueError, match="topk"):
@@ -181,6 +222,67 @@ def test_student_row_stats_rejects_bad_arguments():
         triton_ops.student_row_stats(torch.zeros(10), 3, None)
     with pytest.raises(ValueError, match="block_v"):
         triton_ops.student_row_stats(logits, 3, None, block_v=24)
+
+
+# ---------------------------------------------------------------- entropy, from the log-sum-exp's pass
+
+
+def _fp64_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The oracle: ``-sum p log p`` of the materialised fp64 softmax (``sdpo_ops.reference``), in fp32."""
+    return entropy_of(torch.log_softmax(logits.double(), -1)).float()
+
+
+def _entropy_cases(C: int, V: int, seed: int) -> torch.Tensor:
+    """``_hard_logits`` (ties, masked vocabulary, +-1e4) plus two rows of known entropy: uniform (log V) and a single
+    finite logit among -inf (0)."""
+    logits = _hard_logits(C, V, seed)
+    uniform = torch.full((1, V), 1e4)
+    single = torch.full((1, V), -math.inf)
+    single[0, V // 2] = -3.0
+    return torch.cat([logits, uniform, single])
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("C,V", SHAPES)
+@pytest.mark.parametrize("K", [0, 3])
+def test_entropy_of_every_row_stage_matches_fp64(C, V, K):
+    logits = _entropy_cases(C, V, seed=V + K)
+    expected = _fp64_entropy(logits)
+    assert expected[-2].item() == pytest.approx(math.log(V)) and expected[-1].item() == 0.0
+    index = torch.zeros(logits.shape[0], 2, dtype=torch.int64)
+    # the student's stage, and the teacher's stage when it reads the student's buffer (a top-K teacher)
+    stages = {
+        "triton student": lambda out: triton_ops.student_row_stats(logits, K, None, entropy=out, block_v=BLOCK_V),
+        "triton teacher": lambda out: triton_ops.teacher_row_stats(logits, index, entropy=out, block_v=BLOCK_V),
+        "torch student": lambda out: torch_ops.student_row_stats(logits, K, None, entropy=out),
+        "torch teacher": lambda out: torch_ops.teacher_row_stats(logits, index, entropy=out),
+    }
+    for name, stage in stages.items():
+        entropy = torch.full((logits.shape[0],), math.nan)
+        lse = stage(entropy)[0]
+        _assert_close(entropy, expected, msg=lambda m, n=name: f"{n}: {m}")
+        _assert_close(lse, torch.logsumexp(logits.double(), -1).float(), msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.interpret
+def test_entropy_of_a_fully_masked_row_is_nan_like_its_softmax():
+    # undefined (no distribution): NaN, as the materialised softmax gives; the loss reports 0 at masked positions
+    logits = torch.randn(2, 20)
+    logits[1] = -math.inf
+    for stage in (triton_ops.student_row_stats, torch_ops.student_row_stats):
+        entropy = torch.zeros(2)
+        stage(logits, 2, None, entropy=entropy)
+        _assert_close(entropy[0], _fp64_entropy(logits[:1])[0])
+        assert entropy[1].isnan()
+
+
+def test_entropy_output_is_checked():
+    logits = torch.zeros(2, 10)
+    for bad in (torch.zeros(3), torch.zeros(2, dtype=torch.int64), torch.zeros(4)[::2]):
+        with pytest.raises(ValueError, match="entropy"):
+            triton_ops.student_row_stats(logits, 3, None, entropy=bad)
+        with pytest.raises(ValueError, match="entropy"):
+            triton_ops.teacher_row_stats(logits, torch.zeros(2, 1, dtype=torch.int64), entropy=bad)
 
 
 # ---------------------------------------------------------------- teacher_row_stats
@@ -465,15 +567,20 @@ def test_softcap_on_load_gives_the_statistics_of_the_capped_logits():
     raw[1, :5] = torch.tensor([1e-9, -1e-9, 0.0, 40.0, -40.0])  # tanh's exact regions
     capped = bound * torch.tanh(raw.double())
     target_ids = torch.randint(0, V, (C,), generator=gen)
+    entropy, teacher_entropy = torch.empty(C), torch.empty(C)
     lse, topk_logits, topk_index, target_logit = triton_ops.student_row_stats(
-        raw, K, target_ids, softcap_bound=bound, block_v=BLOCK_V
+        raw, K, target_ids, softcap_bound=bound, entropy=entropy, block_v=BLOCK_V
     )
     _assert_close(lse, torch.logsumexp(capped, -1).float())
+    _assert_close(entropy, _fp64_entropy(capped))
     _assert_close(topk_logits, capped.gather(1, topk_index).float())
     _assert_close(topk_logits.sort(-1).values, torch.topk(capped, K, -1).values.sort(-1).values.float())
     _assert_close(target_logit, capped[torch.arange(C), target_ids].float())
-    t_lse, gathered, t_target = triton_ops.teacher_row_stats(raw, topk_index, target_ids, softcap_bound=bound)
+    t_lse, gathered, t_target = triton_ops.teacher_row_stats(
+        raw, topk_index, target_ids, softcap_bound=bound, entropy=teacher_entropy
+    )
     _assert_close(t_lse, lse)
+    _assert_close(teacher_entropy, entropy)
     _assert_close(gathered, topk_logits)
     _assert_close(t_target, target_logit)
     divergence, _ = triton_ops.full_vocab_divergence(raw, raw, lse, lse, 0.5, softcap_bound=bound)

@@ -34,7 +34,7 @@ def _inputs(**options):
     }
 
 
-CHUNKS = -(-N // default_chunk_size(N, V, torch.device("meta")))
+CHUNKS = -(-N // default_chunk_size(N, V, H, torch.device("meta")))
 MODES = {
     "top-K, scalar reduction": ({"topk": 100}, None),
     "top-K 256, no tail, reverse KL": ({"topk": 256, "add_tail": False, "alpha": 1.0}, None),
@@ -80,3 +80,24 @@ def test_no_gradient_work_without_a_gradient():
         traced = trace(lambda: sdpo_loss(**inputs), backward=lambda loss: None)
     assert not [step for step in traced.steps if step.name == "_logit_grad_kernel"]
     assert not [step for step in traced.steps if step.flops and step.shapes and step.shapes[0] == (V, H)]
+
+
+def test_entropy_is_written_by_the_counted_stats_launches():
+    # SDPOOutput.entropy costs no launch: the student's stats kernel of each chunk writes it (a top-K teacher's
+    # stats kernel, which reads the student's buffer, likewise)
+    from sdpo_ops import sdpo_loss_from_teacher_topk
+    from sdpo_ops.kernels.launch import record_launches
+
+    inputs = _inputs(topk=100)
+    with record_launches() as records:
+        sdpo_loss(**inputs)
+    stats = [record for record in records if record.name == "_student_row_stats_kernel"]
+    assert len(stats) == CHUNKS and all(record.args["HAS_ENTROPY"] for record in stats)
+
+    teacher = {"teacher_topk_logprobs": torch.empty(N, 100, device="meta"),
+               "teacher_topk_ids": torch.empty(N, 100, dtype=torch.int64, device="meta")}  # fmt: skip
+    student = {name: inputs[name] for name in ("student_hidden", "student_weight", "target_ids", "backend")}
+    with record_launches() as records:
+        sdpo_loss_from_teacher_topk(**student, **teacher)
+    stats = [record for record in records if record.name == "_teacher_row_stats_kernel"]
+    assert len(stats) == CHUNKS and all(record.args["HAS_ENTROPY"] for record in stats)

@@ -10,7 +10,8 @@ import torch
 
 from bench.trace import trace
 from sdpo_ops import sdpo_loss
-from sdpo_ops.chunked import DW_STAGE_ROWS, default_chunk_size
+from sdpo_ops.chunked import default_chunk_size
+from sdpo_ops.device_policy import CUDA_POLICY
 
 N, H, V, K = 8192, 4096, 151936, 100
 GiB, MiB = 2**30, 2**20
@@ -37,8 +38,8 @@ def _call(weight_dtype=torch.bfloat16):
 
 def test_forward_extra_memory_is_chunk_buffers_plus_gradients():
     traced = trace(_call())
-    chunk = default_chunk_size(N, V, torch.device("meta"))
-    stage_rows = -(-DW_STAGE_ROWS["meta"] // chunk) * chunk
+    chunk = default_chunk_size(N, V, H, torch.device("meta"))
+    stage_rows = -(-CUDA_POLICY.dw_stage_rows // chunk) * chunk
     working = 2 * chunk * V * 4 + stage_rows * V * 2 + N * (K * 16 + 12 * 4) + 4 * chunk * (K + 1) * 4
     gradients = V * H * 4 + N * H * 2  # fp32 dW accumulator, bf16 dH
     assert working <= GiB

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -22,11 +22,12 @@ from tolerances import ELEMENTWISE
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.sdpo.loss_utils import add_tail_bucket, apply_importance_sampling_clipping, compute_divergence
+from trl.trainer.utils import entropy_from_logits
 
 from bench.trace import trace
-from sdpo_ops import chunked as chunked_module
-from sdpo_ops import sdpo_loss, sdpo_loss_from_teacher_topk
+from sdpo_ops import device_policy, sdpo_loss, sdpo_loss_from_teacher_topk
 from sdpo_ops.chunked import default_chunk_size
+from sdpo_ops.device_policy import CPU_POLICY, CUDA_POLICY
 
 FP64, FP32 = ELEMENTWISE[torch.float64], ELEMENTWISE[torch.float32]
 ROWS_PER_CHUNK = 3
@@ -41,7 +42,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    monkeypatch.setitem(chunked_module.CHUNK_BYTES, "cpu", ROWS_PER_CHUNK * 4 * VOCAB)
+    monkeypatch.setattr(device_policy, "CPU_POLICY", replace(CPU_POLICY, chunk_bytes=ROWS_PER_CHUNK * 4 * VOCAB))
 
 
 # ----------------------------------------------------------------------------------------------- the oracle
@@ -145,7 +146,8 @@ def _grads(tensors):
 def run_both(inputs: Inputs, *, backend, add_tail=True, alpha=0.5, is_clip=2.0, use_is=True, reduction="token-mean",
              normalizer=None, token_weights=False, temperature=1.0, logit_scale=1.0, logit_softcap=None,
              blend=False, upstream_seed=None):  # fmt: skip
-    """(ours, TRL's): loss, target log-probs, and the gradients of the student's hidden, weight (and bias)."""
+    """(ours, TRL's): loss, target log-probs, the gradients of the student's hidden, weight (and bias); TRL's also the
+    student's entropy (``entropy_from_logits``: what TRL's GRPOTrainer logs)."""
     params = [inputs.hidden, inputs.weight] + ([inputs.bias] if inputs.bias is not None else [])
     common = {
         "mask": inputs.mask,
@@ -185,11 +187,12 @@ def run_both(inputs: Inputs, *, backend, add_tail=True, alpha=0.5, is_clip=2.0, 
     )
     objective(trl_loss, trl_target).backward()
     trl_grads = _grads(params)
-    return (ours, our_grads), (trl_loss, trl_target, trl_grads)
+    trl_entropy = entropy_from_logits(raw.detach() / temperature)
+    return (ours, our_grads), (trl_loss, trl_target, trl_grads, trl_entropy)
 
 
 def assert_matches(inputs, tolerance, **options):
-    (ours, our_grads), (trl_loss, trl_target, trl_grads) = run_both(inputs, **options)
+    (ours, our_grads), (trl_loss, trl_target, trl_grads, trl_entropy) = run_both(inputs, **options)
     assert torch.isfinite(ours.loss).all()
     torch.testing.assert_close(ours.loss.double(), trl_loss.detach(), **tolerance)
     torch.testing.assert_close(ours.target_logprobs.double(), trl_target.detach(), **tolerance)
@@ -198,6 +201,13 @@ def assert_matches(inputs, tolerance, **options):
         torch.testing.assert_close(ours_grad.double(), trl_grad.double(), **tolerance)
     for name, metric in ours.metrics.items():
         assert torch.isfinite(metric), name
+    # the student's entropy over the full vocabulary, detached; exactly 0 at masked positions
+    keep = inputs.mask.bool()
+    assert not ours.entropy.requires_grad and ours.entropy.shape == inputs.mask.shape
+    torch.testing.assert_close(ours.entropy[keep].double(), trl_entropy[keep], **tolerance)
+    assert ours.entropy[~keep].eq(0).all()
+    # metrics are averaged in fp32
+    torch.testing.assert_close(ours.metrics["entropy_mean"].double(), trl_entropy[keep].mean(), **FP32)
 
 
 # ----------------------------------------------------------------------------------------------- torch backend
@@ -452,9 +462,9 @@ def _meta_call(weight_dtype=torch.bfloat16, num_tokens=N, **options):
 
 def test_meta_trace_one_chunk_buffer_three_kernels_three_gemms():
     traced = trace(_meta_call())
-    chunk = default_chunk_size(N, V, torch.device("meta"))
+    chunk = default_chunk_size(N, V, H, torch.device("meta"))
     chunks = -(-N // chunk)
-    stage_rows = -(-chunked_module.DW_STAGE_ROWS["meta"] // chunk) * chunk
+    stage_rows = -(-CUDA_POLICY.dw_stage_rows // chunk) * chunk
     # one fp32 [C, V] buffer (no teacher buffer), the dZ staging, per-row results and the sanitised teacher inputs
     working = chunk * V * 4 + stage_rows * V * 2 + N * K * (8 + 4 + 4) + N * 12 * 4
     gradients = V * H * 4 + N * H * 2  # fp32 dW accumulator, bf16 dH

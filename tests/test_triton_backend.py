@@ -66,7 +66,8 @@ def _run(inputs, backend, dtype=None, upstream=None, logprob_weights=None, **opt
     if logprob_weights is not None:
         total = total + (out.target_logprobs * logprob_weights).sum()
     total.backward()
-    return [out.loss.detach(), out.target_logprobs.detach()] + [leaf.grad for leaf in leaves]
+    assert not out.entropy.requires_grad
+    return [out.loss.detach(), out.target_logprobs.detach(), out.entropy] + [leaf.grad for leaf in leaves]
 
 
 @pytest.mark.parametrize("family", list(OPTION_FAMILIES))
@@ -99,13 +100,15 @@ def test_triton_low_precision_inputs_match_torch_backend(topk, dtype):
     inputs = _inputs(torch.float32, seed=2)
     expected = _run(inputs, "torch", dtype=dtype, topk=topk)
     actual = _run(inputs, "triton", dtype=dtype, topk=topk)
-    for name, a, e in zip(("loss", "logprobs", "d hidden", "d weight", "d bias"), actual, expected, strict=True):
+    names = ("loss", "logprobs", "entropy", "d hidden", "d weight", "d bias")
+    for name, a, e in zip(names, actual, expected, strict=True):
         assert norm_relative_error(a, e) <= LOW_PRECISION_FLOOR[dtype] / 10, name
 
 
 def test_triton_all_masked_gives_exact_zero():
     inputs = {**_inputs(torch.float32), "mask": torch.zeros(N)}
-    loss, _, *grads = _run(inputs, "triton", topk=4)
+    loss, _, entropy, *grads = _run(inputs, "triton", topk=4)
+    assert entropy.eq(0).all()  # masked positions: exactly 0
     assert loss.item() == 0.0
     for grad in grads:
         assert torch.count_nonzero(grad) == 0

@@ -1,7 +1,8 @@
 """``sdpo_ops.adapters.trl.SDPOTrainer`` against TRL's own ``trl.experimental.sdpo.SDPOTrainer``.
 
 Same tiny Qwen2, same seed, same config: both trainers must log the same losses and end with the same
-weights after several optimizer steps (fp32; TRL's full-logits path is the oracle). Also: feedback
+weights after several optimizer steps (float64, so that no CPU's kernels can tell them apart: tolerances.py;
+TRL's full-logits path is the oracle). Also: feedback
 returned by reward functions reaches the teacher prompt exactly as TRL's dataset column does, and models
 whose logits are not ``hidden @ lm_head.weight^T`` without declaring it are refused (heads that declare a
 transform: test_trl_logit_transforms.py).
@@ -13,7 +14,7 @@ import os
 
 import pytest
 import torch
-from tolerances import TRAINER_LOG, TRAINER_WEIGHT_UPDATE
+from tolerances import TRAINER_DTYPE, TRAINER_LOG, TRAINER_WEIGHT_UPDATE
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 pytest.importorskip("trl")
@@ -34,11 +35,7 @@ from trl.experimental.sdpo import SDPOTrainer as TRLSDPOTrainer  # noqa: E402
 from sdpo_ops.adapters.feedback import RewardWithFeedback  # noqa: E402
 from sdpo_ops.adapters.trl import SDPOConfig, SDPOTrainer  # noqa: E402
 
-# Two trainers on identical batches in fp32 differ only by the order of the lm_head's float sums
-# (chunked matmul vs one matmul): ~1e-7 relative in the logits. A loss is a small difference of terms
-# of the size of the log-probs (~10), hence an absolute floor of ~eps * 10 = 1e-6 on logged values.
-# Weight *updates* are compared, so that a parameter that barely moved is checked as tightly as one that
-# moved a lot; their floor is two ulps of the largest weights (the norm gains, ~1).
+# Weight *updates* are compared, so that a parameter that barely moved is checked as tightly as one that moved a lot.
 # Keys of TRL's logs that are wall-clock measurements, not results.
 TIMING_KEYS = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
 
@@ -48,8 +45,8 @@ def tokenizer():
     return make_tokenizer()
 
 
-def _save_model(directory, tokenizer, **overrides) -> str:
-    model = make_model(len(tokenizer), **overrides)
+def _save_model(directory, tokenizer, dtype=TRAINER_DTYPE, **overrides) -> str:
+    model = make_model(len(tokenizer), dtype=dtype, **overrides)
     if model.config.tie_word_embeddings:
         # The helper widens the head's logits 20x; tied, that also scales the embeddings and the model just
         # repeats its input (a KL of ~1e-6, all rounding). 5x keeps the samples varied and the logits peaked.
@@ -60,11 +57,12 @@ def _save_model(directory, tokenizer, **overrides) -> str:
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tokenizer):
-    """TRL builds the teacher from the model's path, so the tiny models live on disk."""
+    """TRL builds the teacher from the model's path, so the tiny models live on disk (float64; fp32 for autocast)."""
     root = tmp_path_factory.mktemp("tiny_qwen2")
     return {
         "untied": _save_model(root / "untied", tokenizer),
         "tied": _save_model(root / "tied", tokenizer, tie_word_embeddings=True),
+        "untied_fp32": _save_model(root / "untied_fp32", tokenizer, dtype=torch.float32),
     }
 
 
@@ -128,11 +126,13 @@ def _train(trainer_class, model_dir, tokenizer, args, reward_funcs, dataset, cal
 def _initial_weights(model_dir) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").state_dict()
 
 
-def _assert_same_training(ours, theirs, initial):
-    """Every value TRL logged, logged alike by us; every parameter updated alike (and some updated)."""
+def _assert_same_training(
+    ours, theirs, initial, dtype=TRAINER_DTYPE, log_tolerance=TRAINER_LOG, update_tolerance=TRAINER_WEIGHT_UPDATE
+):
+    """Every value TRL logged, logged alike by us; every parameter updated alike (and some updated), in ``dtype``."""
     our_logs, our_weights = ours
     trl_logs, trl_weights = theirs
     assert len(our_logs) == len(trl_logs)
@@ -144,15 +144,17 @@ def _assert_same_training(ours, theirs, initial):
             torch.testing.assert_close(
                 torch.tensor(float(our_entry[key]), dtype=torch.float64),
                 torch.tensor(float(expected), dtype=torch.float64),
-                **TRAINER_LOG,
+                **log_tolerance,
                 msg=lambda message, key=key, step=step: f"step {step}, {key}: {message}",
             )
     moved = 0.0
     for name, expected in trl_weights.items():
+        # Both trainers really trained in `dtype` (TRL loads float32 unless told; PEFT may add fp32 adapters).
+        assert expected.dtype == our_weights[name].dtype == dtype, f"{name}: {expected.dtype}"
         torch.testing.assert_close(
             our_weights[name] - initial[name],
             expected - initial[name],
-            **TRAINER_WEIGHT_UPDATE,
+            **update_tolerance,
             msg=lambda message, name=name: f"update of {name}: {message}",
         )
         moved = max(moved, float((expected - initial[name]).abs().max()))
@@ -285,7 +287,7 @@ def test_bf16_autocast_is_at_least_as_close_to_fp32_as_trl(model_dirs, tokenizer
         "distillation_add_tail": True,
         "distillation_alpha": 0.5,
     }
-    model_dir = model_dirs["untied"]
+    model_dir = model_dirs["untied_fp32"]
     fp32 = _train(TRLSDPOTrainer, model_dir, tokenizer, _config(tmp_path, **options), ScheduledReward(), _dataset())
     bf16_args = _config(tmp_path, bf16=True, **options)
     theirs = _train(TRLSDPOTrainer, model_dir, tokenizer, bf16_args, ScheduledReward(), _dataset())
@@ -297,6 +299,60 @@ def test_bf16_autocast_is_at_least_as_close_to_fp32_as_trl(model_dirs, tokenizer
         # error is the backbone's bf16, common to both.
         assert our_error <= 0.5 * trl_error, f"{key}: ours {our_error:.3g} from fp32, TRL {trl_error:.3g}"
         assert our_error > 1e-5 * abs(reference), f"{key}: equal to the fp32 run, autocast was ignored"
+
+
+def test_bf16_evaluation_is_at_least_as_close_to_fp32_as_trl(model_dirs, tokenizer, tmp_path):
+    """``evaluate()`` under ``bf16=True``: TRL runs the student without autocast (not yet accelerate-wrapped) and the
+    teacher under it; ours does so too (the last backbone calls of each, as seen by forward hooks). One captured eval
+    batch, scored by each trainer's ``evaluate()``: our bf16 eval loss must be no farther from the fp32 one than
+    TRL's, and not equal to it (the teacher really runs in bf16)."""
+    options = {
+        "distillation_mode": "topk_logits",
+        "distillation_topk": 5,
+        "distillation_add_tail": True,
+        "distillation_alpha": 0.5,
+        "per_device_eval_batch_size": 4,
+    }
+    model_dir = model_dirs["untied_fp32"]
+    captured = []
+
+    def eval_loss(trainer_class, bf16: bool) -> float:
+        """The eval loss; with bf16, also checks that the student ran without autocast and the teacher under it."""
+        args = _config(tmp_path, bf16=bf16, **options)
+        trainer = trainer_class(
+            model=model_dir,
+            reward_funcs=ScheduledReward(),
+            args=args,
+            train_dataset=_dataset(),
+            eval_dataset=chat_dataset().select([0]),  # one group: one eval batch
+            processing_class=tokenizer,
+        )
+        prepare = trainer._prepare_inputs
+
+        def replay(generation_batch):  # the first trainer's rollouts, for every trainer
+            if not captured:
+                captured.append(prepare(generation_batch))
+            return captured[0]
+
+        trainer._prepare_inputs = replay
+        autocast = {"student": [], "teacher": []}
+        teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+        for name, model in (("student", trainer.model), ("teacher", teacher)):
+            model.model.register_forward_hook(
+                lambda module, inputs, output, name=name: autocast[name].append(torch.is_autocast_enabled("cpu"))
+            )
+        set_seed(args.seed)
+        loss = trainer.evaluate()["eval_loss"]
+        if bf16:  # the last calls are the loss's (ours checks the head once first, under autocast as the model runs)
+            assert autocast["student"][-1] is False and autocast["teacher"][-1] is True, f"{trainer_class}: {autocast}"
+        return loss
+
+    fp32 = eval_loss(TRLSDPOTrainer, bf16=False)
+    trl_error = abs(eval_loss(TRLSDPOTrainer, bf16=True) - fp32)
+    our_error = abs(eval_loss(SDPOTrainer, bf16=True) - fp32)
+    assert fp32 > 0
+    assert our_error <= trl_error, f"ours {our_error:.3g} from the fp32 eval loss {fp32:.4g}, TRL {trl_error:.3g}"
+    assert our_error > 1e-4 * fp32, "equal to the fp32 eval loss: the teacher did not run under autocast"
 
 
 def test_reward_feedback_equals_dataset_column(model_dirs, tokenizer, tmp_path):
@@ -445,7 +501,7 @@ def test_opt_with_its_default_dropout_trains_like_trl(tokenizer, tmp_path):
     """OPT applies dropout functionally (``nn.functional.dropout(p=config.dropout)``), which TRL's
     ``disable_dropout`` does not reach: training-mode forwards differ from one another. The head check must not
     take that for a logit transform, and the run must equal TRL's (same seed, same dropout draws)."""
-    model_dir = save_model(tmp_path / "tiny_opt", tokenizer, make_opt_model(len(tokenizer)))
+    model_dir = save_model(tmp_path / "tiny_opt", tokenizer, make_opt_model(len(tokenizer), dtype=TRAINER_DTYPE))
     args = _config(
         tmp_path,
         distillation_mode="topk_logits",

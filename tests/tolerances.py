@@ -11,6 +11,10 @@ ELEMENTWISE = {
     torch.float32: {"rtol": 2e-4, "atol": 2e-5},
 }
 
+# fp32 against fp64, norm-relative: fp32 sums in another order (chunks, staged dW passes, emulated fp32-output
+# GEMMs) than the reference's; measured <= 1e-6 on the tests' tiny shapes (tests/test_device_policy.py).
+FP32_NORM_RELATIVE = 1e-5
+
 # Margin over the naive same-dtype path's own error (CCE's principle).
 LOW_PRECISION_MARGIN = 2.0
 # Absolute floor of the norm-relative error bound, for cases where the naive path happens to be exact.
@@ -27,7 +31,30 @@ def norm_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 FP64_ZERO_ATOL = 1e-13
 FP64_NONNEGATIVE_SLACK = 1e-12
 
-# Trainer equivalence (our TRL adapter vs TRL's SDPOTrainer, fp32): logged values, and weight updates
-# after several optimizer steps (two fp32 ulps of 1.0 absolute: parameters of order 1 moved by SGD).
-TRAINER_LOG = {"rtol": 1e-5, "atol": 1e-6}
-TRAINER_WEIGHT_UPDATE = {"rtol": 1e-4, "atol": 2 * torch.finfo(torch.float32).eps}
+# Trainer equivalence over several optimizer steps (our TRL adapter vs TRL's SDPOTrainer; DDP/FSDP2 vs one process):
+# both sides run the tiny models in TRAINER_DTYPE, float64, so no CPU's BLAS/oneDNN kernels can tell them apart. In
+# fp32 two CPUs (Intel AVX-512, AMD) differ by ~1e-7 relative after 3 SGD steps at lr 0.5, more on near-zero update
+# entries: a 4.5e-7 difference broke the former fp32 bound. In float64 the two trainers differ by at most 1.2e-16
+# absolute in any weight update (updates up to 0.14) and 1e-12 relative in any logged value (measured on every
+# equivalence case, 2-core AMD EPYC, torch 2.13.0 CPU): the float64 bound below sits 10^5 above that, and far below
+# what a wrong loss moves (alpha off by 0.01, or no IS weight: 1e-4 to 1e-2, see test_trl_adapter.py).
+TRAINER_DTYPE = torch.float64
+TRAINER_LOG = ELEMENTWISE[torch.float64]
+TRAINER_WEIGHT_UPDATE = ELEMENTWISE[torch.float64]
+
+# Where one side cannot run in float64, bounds measured by tests/scripts/measure_trainer_noise.py (TRL against itself
+# with its inputs moved by one fp32 ulp, random sign: the rounding differences two CPUs' kernels make), 10x the
+# largest measured: a tiny Gemma 2 in fp32 (float64 trains to NaN in TRL: its eager attention takes a float64 mask's
+# softmax in fp32, -inf on left-padded rows), every initial weight moved: updates 2.4e-7 absolute, logs 1.7e-6
+# relative (ours vs TRL: 6e-8, 1.9e-6); the teacher server in float64, whose log-probs TRL stores as float32 and
+# turns into the teacher's tail/renormalisation in fp32 arithmetic, every served log-prob moved: updates 1.9e-7,
+# logs 3.4e-6 (ours, in float64 throughout, vs TRL: 1.2e-7, 7.9e-6 on a loss of 0.0046).
+TRAINER_FP32_LOG = {"rtol": 1e-4, "atol": 1e-9}
+TRAINER_FP32_WEIGHT_UPDATE = {"rtol": 0.0, "atol": 2.5e-6}
+
+# DDP (2 processes) against one process, float64: the processes pad their batches to other lengths, so the tokens sit
+# at other positions, whose rotary tables transformers computes in fp32. Measured: updates 5.8e-9 absolute, grad norm
+# 7.3e-9 relative, metrics TRL logs from fp32 8.7e-8 relative; bounds 10x (a missing gradient sync moves the second
+# step's loss by ~10%).
+DDP_VS_ONE_PROCESS_LOG = {"rtol": 1e-6, "atol": 1e-10}
+DDP_VS_ONE_PROCESS_WEIGHT_UPDATE = {"rtol": 0.0, "atol": 6e-8}

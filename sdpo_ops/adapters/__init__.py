@@ -4,6 +4,10 @@
 - :func:`select_demonstrations`: which successful sibling rollout each sample's teacher sees;
 - :func:`build_teacher_messages`, :func:`build_teacher_prompt_ids`, :func:`strip_thinking`: reprompting;
 - :func:`build_teacher_batch`, :func:`build_sdpo_batch`: padded student and teacher inputs;
+- :func:`head_inputs`, :func:`sdpo_loss_arguments`: from a Hugging Face model and prompt + completion ids to the
+  arguments of :func:`sdpo_ops.sdpo_loss` (last hidden states shifted by one, lm_head, logit transform), for your
+  own loss call; the pieces: :func:`backbone_and_head`, :func:`completion_hidden_states`,
+  :func:`positions_from_mask`, :func:`logit_transform`;
 - :func:`sdpo_step`: the loss from two backbone forwards and :func:`sdpo_ops.sdpo_loss`;
 - :class:`RewardWithFeedback`, :func:`split_scores_and_feedback`: rewards that explain themselves;
 - :func:`save_checkpoint`, :func:`load_checkpoint`: student, teacher, optimizer, step and RNG, written atomically.
@@ -27,6 +31,15 @@ from sdpo_ops.adapters.demonstrations import (
     sequence_rewards,
 )
 from sdpo_ops.adapters.feedback import RewardWithFeedback, split_scores_and_feedback
+from sdpo_ops.adapters.heads import LogitTransform, logit_transform
+from sdpo_ops.adapters.model_inputs import (
+    HeadInputs,
+    backbone_and_head,
+    completion_hidden_states,
+    head_inputs,
+    positions_from_mask,
+    sdpo_loss_arguments,
+)
 from sdpo_ops.adapters.reprompt import (
     FEEDBACK_TEMPLATE,
     REPROMPT_TEMPLATE,
@@ -51,20 +64,28 @@ __all__ = [
     "TRL_SOLUTION_TEMPLATE",
     "TRL_SUCCESS_THRESHOLD",
     "EMATeacher",
+    "HeadInputs",
     "LoadedCheckpoint",
+    "LogitTransform",
     "RewardWithFeedback",
     "SDPOBatch",
     "SDPOStepOutput",
     "TeacherBatch",
+    "backbone_and_head",
     "build_sdpo_batch",
     "build_teacher_batch",
     "build_teacher_messages",
     "build_teacher_prompt_ids",
+    "completion_hidden_states",
+    "head_inputs",
     "load_checkpoint",
+    "logit_transform",
     "pad_sequences",
+    "positions_from_mask",
     "save_checkpoint",
     "select_demonstrations",
     "sequence_rewards",
+    "sdpo_loss_arguments",
     "sdpo_step",
     "split_completions",
     "split_scores_and_feedback",

@@ -152,6 +152,12 @@ class SDPOBatch:
         if self.old_logprobs is not None and self.old_logprobs.shape != (batch, width):
             raise ValueError(f"old_logprobs must be [B, T]={(batch, width)}, got {tuple(self.old_logprobs.shape)}")
 
+    def self_distillation_mask_or_ones(self) -> Tensor:
+        """``[B]`` float: :attr:`self_distillation_mask`, or ones when it is None (every sample has a teacher)."""
+        if self.self_distillation_mask is None:
+            return torch.ones(self.completion_ids.shape[0], device=self.completion_ids.device)
+        return self.self_distillation_mask.float()
+
     def to(self, device: torch.device | str) -> SDPOBatch:
         """A copy with every tensor on ``device``."""
         moved = {name: None if value is None else value.to(device) for name, value in self.__dict__.items()}

@@ -8,7 +8,8 @@ Here a reward function may return, for a batch of completions, any of:
 - a list of ``{"score": float | None, "feedback": str | None}`` dicts;
 - a :class:`RewardWithFeedback` ``(scores, feedback)``.
 
-:func:`split_scores_and_feedback` turns any of these into two parallel lists.
+:func:`split_scores_and_feedback` turns any of these into two parallel lists; :func:`completion_text` reads
+one completion as TRL passes it to a reward function.
 """
 
 from __future__ import annotations
@@ -54,3 +55,15 @@ def split_scores_and_feedback(output) -> tuple[list[float | None], list[str | No
             raise TypeError(f"feedback for completion {position} must be a str or None, got {type(text).__name__}")
     feedback = [text if text is not None and text.strip() else None for text in feedback]
     return [None if score is None else float(score) for score in scores], feedback
+
+
+def completion_text(completion) -> str:
+    """The text of one completion as TRL passes it: a string, or a list of chat messages (the last one's content)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], Mapping):
+        content = completion[-1].get("content", "")
+        if isinstance(content, list):  # multimodal-style content parts
+            return " ".join(part.get("text", "") for part in content if isinstance(part, Mapping))
+        return str(content)
+    raise TypeError(f"a completion must be a str or a list of chat messages, got {type(completion).__name__}")

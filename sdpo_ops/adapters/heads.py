@@ -31,6 +31,7 @@ from sdpo_ops.reference import transform_logits
 __all__ = [
     "HEAD_CHECK_SEED",
     "LogitTransform",
+    "common_logit_transform",
     "head_check_mode",
     "logit_transform",
     "refuse_unreproduced_logits",
@@ -115,15 +116,19 @@ def logit_transform(model: nn.Module) -> LogitTransform:
     return LogitTransform(logit_scale, logit_softcap, tuple(declared_by))
 
 
-def shared_logit_transform(student: nn.Module, teacher: nn.Module) -> LogitTransform:
-    """The transform of both models; ``ValueError`` if they differ (the fused loss applies one to both sides)."""
-    student_transform, teacher_transform = logit_transform(student), logit_transform(teacher)
-    if student_transform.loss_options() != teacher_transform.loss_options():
+def common_logit_transform(student: LogitTransform, teacher: LogitTransform) -> LogitTransform:
+    """The one transform both heads declare; ``ValueError`` if they differ (the fused loss applies one to both)."""
+    if student.loss_options() != teacher.loss_options():
         raise ValueError(
-            f"the student ({student_transform.describe()}) and the teacher ({teacher_transform.describe()}) "
+            f"the student ({student.describe()}) and the teacher ({teacher.describe()}) "
             "post-process their logits differently; sdpo_ops' fused loss applies one logit transform to both"
         )
-    return student_transform
+    return student
+
+
+def shared_logit_transform(student: nn.Module, teacher: nn.Module) -> LogitTransform:
+    """The transform of both models; ``ValueError`` if they differ (the fused loss applies one to both sides)."""
+    return common_logit_transform(logit_transform(student), logit_transform(teacher))
 
 
 # Tolerance of the one-off check that backbone + lm_head + declared transform reproduce the model's own logits.

@@ -29,6 +29,8 @@ from sdpo_ops.adapters.heads import (
     refuse_unreproduced_logits,
     shared_logit_transform,
 )
+from sdpo_ops.adapters.model_inputs import backbone_and_head, completion_hidden_states, positions_from_mask
+from sdpo_ops.adapters.routing import SampleRouting, clipped_policy_loss_per_token, distillation_route, routed_loss
 from sdpo_ops.adapters.teacher import EMATeacher
 from sdpo_ops.loss import SDPOOutput, sdpo_loss
 
@@ -41,72 +43,18 @@ class SDPOStepOutput:
         loss: 0-dim loss with gradient into the student (call ``loss.backward()``).
         output: the :class:`sdpo_ops.SDPOOutput` of the loss call (``target_logprobs`` ``[B, T]`` with
             gradient, the teacher's detached ``teacher_target_logprobs``, IS weights, top-K mass).
-        loss_mask: ``[B, T]`` float, completion mask times the per-sample self-distillation mask.
+        loss_mask: ``[B, T]`` float, completion mask times the per-sample self-distillation mask (with
+            ``routing``: times the samples routed to the distillation loss).
         metrics: detached 0-dim tensors: ``loss``, the loss's metrics, ``self_distillation_fraction``
-            (samples with a teacher signal) and ``num_loss_tokens``.
+            (samples with a teacher signal) and ``num_loss_tokens``; with ``routing`` also
+            ``routed_to_distillation_fraction``, ``policy_loss`` and ``distillation_loss`` (each the token
+            mean over its own samples).
     """
 
     loss: Tensor
     output: SDPOOutput
     loss_mask: Tensor
     metrics: dict[str, Tensor]
-
-
-def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | None]:
-    """``(backbone, lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM (or a PEFT wrapper).
-
-    The backbone is the module that returns the final (normed) hidden states: ``model.get_decoder()``, else
-    ``model.model``. Raises for an output embedding that is not a plain ``nn.Linear``.
-    """
-    backbone = None
-    get_decoder = getattr(model, "get_decoder", None)
-    if callable(get_decoder):
-        backbone = get_decoder()
-    if backbone is None or backbone is model:
-        backbone = getattr(model, "model", None)
-    if not isinstance(backbone, nn.Module) or backbone is model:
-        raise TypeError(
-            f"cannot find the backbone of {type(model).__name__}: expected model.get_decoder() or model.model "
-            "returning the last hidden states"
-        )
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Linear):
-        raise ValueError(
-            f"the output embedding of {type(model).__name__} is {type(head).__name__}, not a plain torch.nn.Linear "
-            "(an adapter on the lm_head, or no lm_head): sdpo_step needs logits = hidden @ weight.T + bias"
-        )
-    return backbone, head.weight, head.bias
-
-
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """``[B, L]`` position ids that count only attended tokens, as ``model.generate`` assigns them.
-
-    With left padding, ``arange(L)`` would shift every position by the padding width, so the same sequence
-    would score differently depending on its batch neighbours.
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def completion_hidden_states(
-    backbone: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    num_completion_tokens: int,
-    *,
-    position_ids_from_mask: bool = True,
-) -> Tensor:
-    """``[B, T, H]`` hidden states at the positions that predict the last ``T`` tokens of ``input_ids``.
-
-    The state at column ``p`` predicts the token at ``p + 1``, so the completion's ``T`` tokens (columns
-    ``[L - T, L)``) are predicted by columns ``[L - T - 1, L - 1)``.
-    """
-    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    if position_ids_from_mask:
-        kwargs["position_ids"] = positions_from_mask(attention_mask)
-    outputs = backbone(**kwargs)
-    hidden = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-    return hidden[:, -num_completion_tokens - 1 : -1]
 
 
 def sdpo_step(
@@ -116,6 +64,7 @@ def sdpo_step(
     *,
     reduction: str = "seq-mean-token-mean",
     position_ids_from_mask: bool = True,
+    routing: SampleRouting | None = None,
     **loss_options: Any,
 ) -> SDPOStepOutput:
     """SDPO loss of the student on a batch of its completions, against the teacher on the reprompted inputs.
@@ -136,6 +85,11 @@ def sdpo_step(
             is TRL's reduction and, in effect, the official one (token mean per micro-batch of one sequence).
         position_ids_from_mask: pass position ids counted from the attention mask (as ``generate`` does), so
             left padding does not shift positions; False lets the model use ``arange(L)``.
+        routing: a :class:`sdpo_ops.adapters.routing.SampleRouting` to route the samples (SRPO): successful
+            ones take the clipped policy loss on the same call's target log-probs (against
+            ``batch.old_logprobs``, or the detached current ones), failed ones with a teacher signal the
+            distillation loss, over one joint token mean (:func:`sdpo_ops.adapters.routing.routed_loss`), which
+            replaces ``reduction`` (leave it at its default).
         **loss_options: the other keyword arguments of :func:`sdpo_ops.sdpo_loss` (``topk``, ``add_tail``,
             ``alpha``, ``is_clip``, ``temperature``, ``normalizer``, ``token_weights``, ``backend``, ...).
             ``logit_scale`` and ``logit_softcap`` come from the models' configs.
@@ -150,6 +104,15 @@ def sdpo_step(
         if reserved in loss_options:
             raise TypeError(
                 f"sdpo_step reads {reserved!r} from the models' configs (sdpo_ops.adapters.heads); do not pass it"
+            )
+    if routing is not None:
+        if reduction != "seq-mean-token-mean" or "normalizer" in loss_options:
+            raise ValueError(
+                "routing reduces the loss itself (a joint token mean): do not pass reduction or normalizer"
+            )
+        if routing.successful.shape != batch.self_distillation_mask_or_ones().shape:
+            raise ValueError(
+                f"routing.successful must be [B={batch.completion_ids.shape[0]}], got {tuple(routing.successful.shape)}"
             )
     num_completion = batch.completion_ids.shape[1]
 
@@ -175,7 +138,13 @@ def sdpo_step(
         backbone, batch.input_ids, batch.attention_mask, num_completion, position_ids_from_mask=position_ids_from_mask
     )
     loss_mask = batch.completion_mask.float()
-    if batch.self_distillation_mask is not None:
+    to_distillation = None
+    if routing is not None:
+        to_distillation = distillation_route(
+            routing.successful.to(loss_mask.device), batch.self_distillation_mask_or_ones()
+        )
+        loss_mask = loss_mask * to_distillation.unsqueeze(1)
+    elif batch.self_distillation_mask is not None:
         loss_mask = loss_mask * batch.self_distillation_mask.float().unsqueeze(1)
     output = sdpo_loss(
         student_hidden,
@@ -187,16 +156,48 @@ def sdpo_step(
         mask=loss_mask,
         target_ids=batch.completion_ids,
         old_logprobs=batch.old_logprobs,
-        reduction=reduction,
+        reduction="none" if routing is not None else reduction,
         return_outputs=True,
         **loss_options,
         **transform.loss_options(),
     )
-    metrics = {"loss": output.loss.detach(), **output.metrics}
+    loss = output.loss
+    metrics = {}
+    if routing is not None:
+        loss, metrics = _routed(batch, routing, output, to_distillation)
+    metrics = {"loss": loss.detach(), **output.metrics, **metrics}
     if batch.self_distillation_mask is not None:
         metrics["self_distillation_fraction"] = batch.self_distillation_mask.float().mean()
     metrics["num_loss_tokens"] = loss_mask.sum()
-    return SDPOStepOutput(loss=output.loss, output=output, loss_mask=loss_mask, metrics=metrics)
+    return SDPOStepOutput(loss=loss, output=output, loss_mask=loss_mask, metrics=metrics)
+
+
+def _routed(
+    batch: SDPOBatch, routing: SampleRouting, output: SDPOOutput, to_distillation: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The routed loss of :func:`sdpo_step` from the fused call's per-token divergence and target log-probs."""
+    logprobs = output.target_logprobs
+    old_logprobs = logprobs.detach() if batch.old_logprobs is None else batch.old_logprobs.to(logprobs.dtype)
+    policy = clipped_policy_loss_per_token(
+        logprobs,
+        old_logprobs,
+        routing.advantages.to(logprobs.device, logprobs.dtype),
+        epsilon_low=routing.epsilon_low,
+        epsilon_high=routing.epsilon_high,
+    )
+    completion_mask = batch.completion_mask.to(logprobs.dtype)
+    loss = routed_loss(policy, output.loss, completion_mask, to_distillation)
+
+    def token_mean(values: Tensor, rows: Tensor) -> Tensor:
+        weights = completion_mask * rows.unsqueeze(1)
+        return (values.detach() * weights).sum() / weights.sum().clamp(min=1.0)
+
+    metrics = {
+        "routed_to_distillation_fraction": to_distillation.mean(),
+        "policy_loss": token_mean(policy, 1 - to_distillation),
+        "distillation_loss": token_mean(output.loss, to_distillation),
+    }
+    return loss, metrics
 
 
 # Students whose own logits were found equal to backbone + lm_head + declared transform (checked once each).

@@ -77,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.5,
         help="SDPO: (1 - w) * GRPO policy loss + w * distillation loss (TRL's distillation_weight; 1: pure SDPO)",
     )
+    parser.add_argument(
+        "--sample-routing",
+        action="store_true",
+        help="SDPO: route successful replies to GRPO's policy loss and failed ones to the distillation loss "
+        "(SRPO; needs --distillation-weight 1)",
+    )
     parser.add_argument("--max-operand", type=int, default=10, help="problems use operands 1..max-operand")
     parser.add_argument(
         "--eval-problems", type=int, default=48, help="size of the fixed held-out set answered greedily (0: none)"
@@ -103,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
     if not 0.0 <= args.distillation_weight <= 1.0:
         parser.error(f"--distillation-weight must be in [0, 1], got {args.distillation_weight}")
+    if args.sample_routing and (args.method != "sdpo" or args.compare or args.distillation_weight != 1.0):
+        parser.error(
+            "--sample-routing is an SDPO option that replaces the blend: use it with --method sdpo and "
+            "--distillation-weight 1"
+        )
     if not 0.0 <= args.teacher_update_rate <= 1.0:
         parser.error(f"--teacher-update-rate must be in [0, 1], got {args.teacher_update_rate}")
     if args.num_generations < 2:

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from sdpo_ops.adapters.feedback import completion_text  # noqa: F401 - re-exported: the demo's API
 
 SCORE_CORRECT = 1.0
 SCORE_WRONG = 0.0
@@ -139,18 +141,6 @@ def dataset_rows(problems: Sequence[Problem], *, system_prompt: str | None = SYS
         {"prompt": build_prompt(p, system_prompt=system_prompt), "answer": p.answer, "solution": p.solution}
         for p in problems
     ]
-
-
-def completion_text(completion) -> str:
-    """The text of one completion as TRL passes it: a string, or a list of chat messages (the last one's content)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Sequence) and completion and isinstance(completion[-1], Mapping):
-        content = completion[-1].get("content", "")
-        if isinstance(content, list):  # multimodal-style content parts
-            return " ".join(part.get("text", "") for part in content if isinstance(part, Mapping))
-        return str(content)
-    raise TypeError(f"a completion must be a str or a list of chat messages, got {type(completion).__name__}")
 
 
 def parse_answer(text: str) -> tuple[int | None, bool]:

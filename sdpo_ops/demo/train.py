@@ -50,6 +50,7 @@ _METRIC_KEYS = {
     "self_distillation/success_sample_fraction": "demonstration_fraction",
     "self_distillation/feedback_used_fraction": "feedback_fraction",
     "self_distillation/reprompt_sample_fraction": "reprompt_fraction",
+    "self_distillation/routed_to_distillation_fraction": "routed_to_distillation_fraction",
     "clip_ratio/region_mean": "ppo_clipped_fraction",
     "completions/mean_length": "completion_mean_length",
     "completions/clipped_ratio": "completion_truncated_fraction",
@@ -221,6 +222,7 @@ def build_config(method: str, args, output_dir: Path, use_cuda: bool):
         max_prompt_length=256,
         # SDPO loss: the official defaults, computed by sdpo_ops' fused loss.
         distillation_weight=args.distillation_weight,
+        sample_routing=args.sample_routing,
         distillation_mode="topk_logits" if args.topk > 0 else "full_logits",
         distillation_topk=args.topk if args.topk > 0 else None,
         distillation_add_tail=True,

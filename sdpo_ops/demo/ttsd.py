@@ -207,6 +207,16 @@ def _mean_best_of_k(baseline: Sequence[dict], k: int) -> float:
     return sum(best_of_k_estimate(run["samples"], run["successes"], k) for run in baseline) / len(baseline)
 
 
+def describe_run(run: dict) -> str:
+    """One line for a TTSD run's outcome: where it first succeeded, or that it never did within its attempts."""
+    outcome = (
+        f"no success in {run['attempts']} attempts"
+        if run["first_success"] is None
+        else f"first success at attempt {run['first_success']}"
+    )
+    return f"{outcome} after {run['steps']} SDPO steps ({run['time_s']:.0f} s)"
+
+
 def plot_discovery(results: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -325,11 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             run = run_ttsd(model, tokenizer, problem, settings, sample)
             run.update(problem=problem.solution, seed=seed, time_s=time.perf_counter() - run_start)
             results["ttsd"].append(run)
-            print(
-                f"[{problem.solution}] TTSD seed {seed}: first success at attempt {run['first_success']} "
-                f"after {run['steps']} SDPO steps ({run['time_s']:.0f} s)",
-                flush=True,
-            )
+            print(f"[{problem.solution}] TTSD seed {seed}: {describe_run(run)}", flush=True)
         model.load_state_dict(base_state)
 
     results["environment"] = environment()

@@ -59,3 +59,29 @@ def _store_target_logit(row_ptr, stride_v, target_ids_ptr, target_logit_ptr, row
         tl.store(target_logit_ptr + row, _on_load(y, pre_scale, softcap_bound, HAS_SOFTCAP))
     else:
         tl.store(target_logit_ptr + row, 0.0)
+
+
+@triton.jit
+def _rescaled(m, s, t, shift):
+    """The online log-sum-exp and entropy accumulators moved from the running max ``m`` to ``shift``:
+    ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)`` become the same sums about ``shift``
+    (``t`` picks up ``(m - shift) s``). Accumulating ``t`` about the max, not ``sum exp(z - m) z``, leaves the
+    entropy ``log s - t / s`` two non-negative terms: no cancellation for logits of magnitude 1e4. A lane or row
+    that has seen only ``-inf`` (``s = t = 0``) stays 0, NaN-free."""
+    scale = tl.exp(m - shift)
+    offset = tl.where(m == -float("inf"), 0.0, m - shift)
+    return s * scale, scale * (t + offset * s)
+
+
+@triton.jit
+def _exp_terms(z, shift):
+    """``exp(z - shift)`` and its entropy term ``exp(z - shift) (z - shift)`` (0 where the exponential is 0: a
+    ``-inf`` logit)."""
+    e = tl.exp(z - shift)
+    return e, e * tl.where(e > 0.0, z - shift, 0.0)
+
+
+@triton.jit
+def _entropy(s, t):
+    """``H = lse - sum p z = log s - t / s`` from the accumulators of ``_rescaled`` about the row max."""
+    return tl.log(s) - t / s

@@ -75,3 +75,16 @@ def launch(kernel, grid: tuple[int, ...], *, hbm_bytes: int, num_warps: int, **a
         return
     with device_guard(device):
         kernel[grid](**args, num_warps=num_warps)
+
+
+def check_row_output(name: str, out: torch.Tensor | None, logits: torch.Tensor) -> None:
+    """An optional per-row output of a launcher over ``logits [C, V]``: None, or a contiguous ``[C]`` floating tensor
+    on the same device."""
+    if out is None:
+        return
+    rows = logits.shape[0]
+    if out.shape != (rows,) or not out.is_floating_point() or out.stride(0) != 1 or out.device != logits.device:
+        raise ValueError(
+            f"{name} must be a contiguous floating [C] = [{rows}] tensor on {logits.device}, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+        )

@@ -8,7 +8,9 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
     pass 1   over BLOCK_V-wide tiles: the online log-sum-exp *per lane*
                  m' = max(m, z),  s' = s * exp(m - m') + exp(z - m')
              (shift 0 while m' = -inf: -inf lanes and rows stay NaN-free), reduced across the lanes once at
-             the end (lse = M + log sum s exp(m - M)); and the max logit of every SUB-wide sub-block, stored
+             the end (lse = M + log sum s exp(m - M)); beside it (when asked) the entropy accumulator
+             t = sum exp(z - m) (z - m), moved with s when m changes (``elementwise._rescaled``), giving the
+             entropy log S - T / S about the row max; and the max logit of every SUB-wide sub-block, stored
              to a per-row scratch row ([NB_PAD] fp32, position = block id), read back after a barrier.
     select   the K largest sub-blocks by (max, lower block id), found as the top K_PAD (next power of two
              >= max(K, 2)) of their packed keys: the candidates. Every top-K key lies in a candidate: an
@@ -23,7 +25,7 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
 The bitonic work touches K * SUB + NB_PAD keys per row instead of V (at V=151936, K=100, SUB=128:
 ~15K instead of 152K). Written: ``lse [C]``; the first K of the running set unpacked to
 ``topk_logits [C, K]`` (exact: the key is a bijection of the fp32 bits) and ``topk_index [C, K]``
-(int64), sorted by value descending; ``target_logit [C]``.
+(int64), sorted by value descending; ``target_logit [C]``; ``entropy [C]`` when asked.
 
 Tried first: one pass with the network on every BLOCK_V tile (no sub-block selection). Compiled for
 sm_90 with ptxas (no GPU here; estimates, not measurements) at BLOCK_V=2048, K_PAD=128, 8 warps, its
@@ -41,8 +43,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sdpo_ops.kernels.elementwise import _on_load, _store_target_logit
-from sdpo_ops.kernels.launch import launch, runs_on_gpu
+from sdpo_ops.kernels.elementwise import _entropy, _exp_terms, _on_load, _rescaled, _store_target_logit
+from sdpo_ops.kernels.launch import check_row_output, launch, runs_on_gpu
 
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
 _PACKED_MIN = tl.constexpr(-(2**63))
@@ -89,8 +91,9 @@ def _tile_topk(packed, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr, ORDER: tl.c
 
 @triton.jit
 def _pack(z, cols, N):
-    """Order-preserving int32 key of the fp32 bits, packed with the reversed column (ties: lower column < N)."""
-    bits = z.to(tl.int32, bitcast=True)
+    """Order-preserving int32 key of the fp32 bits, packed with the reversed column (ties: lower column < N).
+    -0.0 is keyed as +0.0: their bits differ, but they tie, and a tie goes to the lower column."""
+    bits = tl.where(z == 0.0, 0.0, z).to(tl.int32, bitcast=True)
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return (key.to(tl.int64) << 32) | (N - 1 - cols).to(tl.int64)
 
@@ -103,6 +106,7 @@ def _student_row_stats_kernel(
     topk_logits_ptr,
     topk_index_ptr,
     target_logit_ptr,
+    entropy_ptr,
     block_max_ptr,
     V,
     K,
@@ -116,6 +120,7 @@ def _student_row_stats_kernel(
     HAS_TOPK: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SUB: tl.constexpr,
     NB_PAD: tl.constexpr,
@@ -130,10 +135,12 @@ def _student_row_stats_kernel(
     offs_v = tl.arange(0, BLOCK_V)
     TILE_BLOCKS: tl.constexpr = BLOCK_V // SUB
 
-    # pass 1: a per-lane online log-sum-exp (no cross-thread reduction per tile; one at the end) and the max of
-    # every SUB-wide sub-block, stored to a per-row scratch row (no layout conversion into a register array)
+    # pass 1: a per-lane online log-sum-exp and entropy accumulator (no cross-thread reduction per tile; one at the
+    # end; the entropy's is dead code without HAS_ENTROPY) and the max of every SUB-wide sub-block, stored to a
+    # per-row scratch row (no layout conversion into a register array)
     m = tl.full([BLOCK_V], -float("inf"), tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    t = tl.zeros([BLOCK_V], dtype=tl.float32)
     offs_tile_blocks = tl.arange(0, TILE_BLOCKS)
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
@@ -144,7 +151,10 @@ def _student_row_stats_kernel(
         # shift 0 while a lane has seen only -inf (exp(-inf - -inf) would be NaN)
         m_new = tl.maximum(m, z)
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.exp(z - shift)
+        s, t = _rescaled(m, s, t, shift)
+        e, e_log = _exp_terms(z, shift)
+        s += e
+        t += e_log
         m = m_new
 
         if HAS_TOPK:
@@ -153,7 +163,11 @@ def _student_row_stats_kernel(
 
     row_max = tl.max(m, axis=0)
     row_shift = tl.where(row_max == -float("inf"), 0.0, row_max)
-    tl.store(lse_ptr + pid_n, row_shift + tl.log(tl.sum(s * tl.exp(m - row_shift), axis=0)))
+    s, t = _rescaled(m, s, t, row_shift)
+    row_s = tl.sum(s, axis=0)
+    tl.store(lse_ptr + pid_n, row_shift + tl.log(row_s))
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + pid_n, _entropy(row_s, tl.sum(t, axis=0)))
 
     if HAS_TOPK:
         # the candidate blocks: the K_PAD largest maxima (ties: lower block), descending, [K_PAD // GROUP, GROUP]
@@ -202,6 +216,7 @@ def student_row_stats(
     out: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
+    entropy: Tensor | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-sum-exp, top-K and target logit per row of the student's logits (Triton).
@@ -218,6 +233,8 @@ def student_row_stats(
         pre_scale: multiplies the buffer on load: the part of the logit scale the chunk GEMM's epilogue did not apply.
         softcap_bound: ``softcap / temperature`` for a softcapped head: the statistics are of
             ``bound * tanh(logits)`` (see ``sdpo_ops.kernels.elementwise._softcapped``); None: of ``logits``.
+        entropy: [C] fp32 to write each row's entropy into (``-sum p log p`` of the softmax of the transformed
+            logits), from the log-sum-exp's own pass; None: not computed.
         block_v: pass-1 tile width override (a power of two; raised to the top-K width), for tests and tuning.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``, fp32 except the index;
@@ -235,6 +252,7 @@ def student_row_stats(
             )
         if target_ids.device != logits.device:
             raise ValueError(f"target_ids is on {target_ids.device}, logits on {logits.device}")
+    check_row_output("entropy", entropy, logits)
 
     k_pad = max(triton.next_power_of_2(topk), 2)
     default_block_v, tile_blocks, num_warps = _CUDA_CONFIG if runs_on_gpu(logits) else _INTERPRET_CONFIG
@@ -269,13 +287,14 @@ def student_row_stats(
     launch(
         _student_row_stats_kernel,
         (C,),
-        hbm_bytes=C * (V + min(topk, num_blocks) * sub) * logits.element_size() + C * (topk * 12 + 12),
+        hbm_bytes=C * (V + min(topk, num_blocks) * sub) * logits.element_size() + C * (topk * 12 + 16),
         logits_ptr=logits,
         target_ids_ptr=target_ids if target_ids is not None else lse,
         lse_ptr=lse,
         topk_logits_ptr=topk_logits,
         topk_index_ptr=topk_index,
         target_logit_ptr=target_logit,
+        entropy_ptr=entropy if entropy is not None else lse,
         block_max_ptr=block_max_scratch,
         V=V,
         K=topk,
@@ -289,6 +308,7 @@ def student_row_stats(
         HAS_TOPK=topk > 0,
         HAS_TARGET=target_ids is not None,
         HAS_SOFTCAP=softcap_bound is not None,
+        HAS_ENTROPY=entropy is not None,
         BLOCK_V=block_v,
         SUB=sub,
         NB_PAD=nb_pad,

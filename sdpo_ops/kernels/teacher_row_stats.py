@@ -5,10 +5,12 @@ student's top-K, possibly followed by the target):
 
     lse        online over BLOCK_V tiles: m' = max(m, max_tile u), s' = s * exp(m - m') + sum_tile exp(u - m'),
                with shift 0 while m' = -inf (NaN-free for -inf tiles and rows); lse = m + log s
+    entropy    (when asked: a top-K teacher's stage runs over the *student's* buffer) the same pass carries
+               t = sum exp(u - m) (u - m), moved with s (``elementwise._rescaled``): entropy = log s - t / s
     gathered_j = u[index_j]   (one masked gather of J <= BLOCK_J elements; out-of-range columns read NaN)
 
-Written: ``lse [C]``, ``gathered [C, J]``. The teacher needs its full row only for the log-sum-exp; the
-gather is an indexed read of a few hundred bytes per row.
+Written: ``lse [C]``, ``gathered [C, J]``, ``target_logit [C]``, ``entropy [C]`` when asked. The teacher needs its
+full row only for the log-sum-exp; the gather is an indexed read of a few hundred bytes per row.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sdpo_ops.kernels.elementwise import _on_load, _store_target_logit
-from sdpo_ops.kernels.launch import launch, runs_on_gpu
+from sdpo_ops.kernels.elementwise import _entropy, _exp_terms, _on_load, _rescaled, _store_target_logit
+from sdpo_ops.kernels.launch import check_row_output, launch, runs_on_gpu
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (4096, 8)
@@ -34,6 +36,7 @@ def _teacher_row_stats_kernel(
     gathered_ptr,
     target_ids_ptr,
     target_logit_ptr,
+    entropy_ptr,
     V,
     J,
     pre_scale,
@@ -47,23 +50,31 @@ def _teacher_row_stats_kernel(
     BLOCK_J: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_ENTROPY: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
     offs_v = tl.arange(0, BLOCK_V)
 
-    # online log-sum-exp; shift 0 while everything seen is -inf (exp(-inf - -inf) would be NaN)
+    # online log-sum-exp (and entropy: dead code without HAS_ENTROPY); shift 0 while everything seen is -inf
+    # (exp(-inf - -inf) would be NaN)
     m = -float("inf")
     s = 0.0
+    t = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         u = tl.load(row_ptr + cols * stride_logits_v, mask=cols < V, other=-float("inf")).to(tl.float32)
         u = tl.where(cols < V, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
         m_new = tl.maximum(m, tl.max(u, axis=0))
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(u - shift), axis=0)
+        s, t = _rescaled(m, s, t, shift)
+        e, e_log = _exp_terms(u, shift)
+        s += tl.sum(e, axis=0)
+        t += tl.sum(e_log, axis=0)
         m = m_new
     tl.store(lse_ptr + pid_n, m + tl.log(s))
+    if HAS_ENTROPY:
+        tl.store(entropy_ptr + pid_n, _entropy(s, t))
 
     # gather at the given columns
     offs_j = tl.arange(0, BLOCK_J)
@@ -86,6 +97,7 @@ def teacher_row_stats(
     out: tuple[Tensor, Tensor, Tensor] | None = None,
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
+    entropy: Tensor | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-sum-exp per row of the teacher's logits and the logits at the given columns (Triton).
@@ -99,6 +111,8 @@ def teacher_row_stats(
         out: ``(lse, gathered, target_logit)`` to write into, else allocated.
         pre_scale: multiplies the buffer on load: the part of the logit scale the chunk GEMM's epilogue did not apply.
         softcap_bound: ``softcap / temperature`` for a softcapped head (statistics of ``bound * tanh(logits)``).
+        entropy: [C] to write each row's entropy into (of the softmax of the transformed logits), from the
+            log-sum-exp's own pass; None: not computed.
         block_v: tile width override (a power of two), for tests and tuning.
     Returns:
         ``(lse [C], gathered [C, J], target_logit [C])``, fp32; ``target_logit`` is zeros without targets.
@@ -111,6 +125,7 @@ def teacher_row_stats(
     if index.device != logits.device:
         raise ValueError(f"index is on {index.device}, logits on {logits.device}")
     J = index.shape[1]
+    check_row_output("entropy", entropy, logits)
 
     default_block_v, num_warps = _CUDA_CONFIG if runs_on_gpu(logits) else _INTERPRET_CONFIG
     block_v = block_v or default_block_v
@@ -135,13 +150,14 @@ def teacher_row_stats(
     launch(
         _teacher_row_stats_kernel,
         (C,),
-        hbm_bytes=C * (V + J + 1) * logits.element_size() + C * (J * 12 + 16),
+        hbm_bytes=C * (V + J + 1) * logits.element_size() + C * (J * 12 + 16 + 4 * (entropy is not None)),
         logits_ptr=logits,
         index_ptr=index,
         lse_ptr=lse,
         gathered_ptr=gathered,
         target_ids_ptr=target_ids if target_ids is not None else index,
         target_logit_ptr=target_logit,
+        entropy_ptr=entropy if entropy is not None else lse,
         V=V,
         J=J,
         pre_scale=float(pre_scale),
@@ -155,6 +171,7 @@ def teacher_row_stats(
         BLOCK_J=max(triton.next_power_of_2(J), 2),
         HAS_TARGET=target_ids is not None,
         HAS_SOFTCAP=softcap_bound is not None,
+        HAS_ENTROPY=entropy is not None,
         num_warps=num_warps,
     )
     return out

@@ -189,6 +189,8 @@ def train(options, output_dir: str, resume_from: str | None) -> dict:
         logging_steps=1,
         report_to="none",
         bf16=False,
+        # The saved model's dtype (the test saves float64), for the student and TRL's teacher copy.
+        model_init_kwargs={"dtype": "auto"},
         seed=0,
         # With checkpoints, SGD with momentum: the optimizer then has state a resume must restore (and torch's
         # FSDP2 full-state-dict optimizer loading fails on a stateless optimizer: "Expected device to be set").
