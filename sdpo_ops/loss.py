@@ -160,7 +160,8 @@ def _check_targets(target_ids: Tensor | None, old_logprobs: Tensor | None, vocab
         raise TypeError(f"target_ids must be an integer tensor, got {target_ids.dtype}")
     if not target_ids.numel() or target_ids.device.type == "meta":  # meta (dry runs): no values to check
         return
-    if target_ids.device.type == "cuda":
+    if target_ids.device.type == "cuda" or torch.compiler.is_compiling():
+        # Under torch.compile (any device) a host read of the values would break the graph (fullgraph=True fails).
         # No host sync on CUDA: it would drain the queue and idle the GPU for the host work up to the first
         # GEMM (~0.7 ms measured on the 2-core CPU box, ~1% of the call at N=8192). A device-side assert instead,
         # as F.cross_entropy and gather do; every kernel masks out-of-range ids, so nothing reads or writes out

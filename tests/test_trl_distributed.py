@@ -205,11 +205,14 @@ def test_fsdp2_equals_ddp(teacher, distributed_runs):
 @pytest.mark.parametrize("case", ["ddp_ema_copy", "fsdp2_ema_copy", "fsdp2_lora"])
 def test_distributed_resume_keeps_the_teacher(case, distributed_runs):
     """Every rank resumes with the checkpoint's teacher (one consolidated file) and ends as the uninterrupted run."""
-    run = distributed_runs[case]
+    _assert_resume_keeps_the_teacher(distributed_runs[case], lora=case.endswith("lora"))
+
+
+def _assert_resume_keeps_the_teacher(run: dict, *, lora: bool) -> None:
     full, resumed = run["full"], run["resumed"]
     saved = full[0]["teacher_at_save"][2]
     teacher_file = run["teacher_file"]
-    if case.endswith("lora"):
+    if lora:
         # The file holds the EMA shadow under PEFT's adapter-free keys; the model's "teacher" adapter holds it too.
         assert len(teacher_file) == len(saved) and all(torch.count_nonzero(v) > 0 for v in teacher_file.values())
     else:
@@ -221,3 +224,100 @@ def test_distributed_resume_keeps_the_teacher(case, distributed_runs):
     initial_teacher = full[0]["teacher_at_first_step"]
     assert any(not torch.equal(saved[n], initial_teacher[n]) for n in saved), "the saved teacher is the initial one"
     _assert_close_logs(resumed[0]["logs"], full[0]["logs"], rtol=0, atol=0)
+
+
+# DeepSpeed ZeRO-3 (and ZeRO-2), 2 CPU processes over gloo, every parameter partitioned
+# (`stage3_param_persistence_threshold: 0`), against one plain process. One launch runs every scenario (start-up
+# is most of the time): the full model and a LoRA student with an EMA teacher (4 steps, checkpointed at 2 and
+# resumed), a LoRA student with the base model as teacher, tied embeddings, full_logits, and a run whose failing
+# prompt carries no feedback, so the process holding that group distils nothing (TRL's own trainer aborts there).
+# Tolerances: fp32 reduction-order noise, as DDP (measured: losses within 3e-6 relative, updates within 3e-7).
+ZERO_SCENARIOS = {
+    "full_ema": ["--save-steps", "2", "--max-steps", "4", "--then-resume-from-step", "2"],
+    "lora_ema": ["--lora", "--save-steps", "2", "--max-steps", "4", "--then-resume-from-step", "2"],
+    "lora_base": ["--lora", "--teacher", "base"],
+    "tied": [],
+    "full_logits": ["--mode", "full_logits"],
+    "no_feedback": ["--no-feedback"],
+    "zero2": ["--mode", "full_logits"],  # ZeRO-2 against full_logits' one-process run
+}
+
+
+def _runs(root: Path, out: str, *, zero: bool) -> list[str]:
+    """The script's arguments for every scenario, one run after the other (``+``-separated) in one launch."""
+    args = []
+    for name, options in ZERO_SCENARIOS.items():
+        if name == "zero2" and not zero:
+            continue  # its one-process run is full_logits'
+        model = root / ("tied" if name == "tied" else "model")
+        stage = (["--zero", "2" if name == "zero2" else "3"]) if zero else []
+        args += ["+"] if args else []
+        args += ["--model-dir", str(model), "--global-batch", "8", *options, *stage, "--out", str(root / out / name)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory):
+    pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("zero")
+    initial = _save_tiny_model(root / "model").state_dict()
+    tokenizer = make_tokenizer()
+    save_model(root / "tied", tokenizer, make_model(len(tokenizer), tie_word_embeddings=True))
+    (root / "one").mkdir()
+    _run([sys.executable, str(SCRIPT), *_runs(root, "one", zero=False)], root / "one" / "all")
+    _run([*_launch_args(), str(SCRIPT), *_runs(root, "zero", zero=True)], root / "zero")
+
+    def load(out: str, name: str, suffix: str = "") -> list[dict]:
+        ranks = (0,) if out == "one" else (0, 1)
+        return [torch.load(root / out / name / f"rank{r}{suffix}.pt", weights_only=False) for r in ranks]
+
+    runs = {"initial": initial}
+    for name in ZERO_SCENARIOS:
+        runs[name] = {"zero": load("zero", name)}
+        if name != "zero2":
+            runs[name]["one"] = load("one", name)
+    for name in ("full_ema", "lora_ema"):
+        runs[name]["full"] = runs[name]["zero"]
+        runs[name]["resumed"] = load("zero", name, "_resumed")
+        runs[name]["teacher_file"] = load_file(root / "zero" / name / "trainer" / "checkpoint-2" / TEACHER_STATE_FILE)
+    return runs
+
+
+@pytest.mark.slow
+@pytest.mark.zero3
+@pytest.mark.parametrize("scenario", [name for name in ZERO_SCENARIOS if name != "zero2"] + ["zero2"])
+def test_zero_two_processes_match_one_process(scenario, zero_runs):
+    run = zero_runs[scenario]
+    zero = run["zero"]
+    one = zero_runs["full_logits"]["one"][0] if scenario == "zero2" else run["one"][0]
+    assert "DEEPSPEED" in zero[0]["distributed_type"] and zero[0]["num_processes"] == 2
+    _assert_close_logs(zero[0]["logs"], one["logs"], **TRAINER_LOG)
+    initial = zero_runs["initial"]
+    for what in ("weights", "teacher"):
+        expected = one[what]
+        reference = {name: initial.get(name, torch.zeros_like(value)) for name, value in expected.items()}
+        if scenario == "tied":
+            reference = {name: torch.zeros_like(value) for name, value in expected.items()}
+        for rank in (0, 1):
+            updates = {name: zero[rank][what][name] - reference[name] for name in expected}
+            expected_updates = {name: expected[name] - reference[name] for name in expected}
+            _assert_equal_tensors(
+                updates, expected_updates, f"ZeRO rank {rank} vs one process, {what}", **TRAINER_WEIGHT_UPDATE
+            )
+    # Base weights start as saved, LoRA's B matrices at zero (its A matrices at random: left out).
+    starts = {
+        n: initial.get(n, torch.zeros_like(w)) for n, w in one["weights"].items() if n in initial or "lora_B" in n
+    }
+    moved = max(float((one["weights"][n] - start).abs().max()) for n, start in starts.items())
+    if scenario != "tied":
+        assert moved > 1e-4, "the student barely moved: the comparison would not see a wrong gradient"
+    if scenario == "no_feedback":
+        # Half of the samples (the failing prompt's group, one process's whole batch) have nothing to distil.
+        assert one["logs"][0]["self_distillation/reprompt_sample_fraction"] == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.zero3
+@pytest.mark.parametrize("scenario", ["full_ema", "lora_ema"])
+def test_zero3_resume_keeps_the_teacher(scenario, zero_runs):
+    _assert_resume_keeps_the_teacher(zero_runs[scenario], lora=scenario == "lora_ema")

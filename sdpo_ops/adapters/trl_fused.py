@@ -101,11 +101,16 @@ def _fused_result(output, reduced_loss, per_token_loss, loss_mask: Tensor, devic
     return result
 
 
+def _full_shape(tensor: Tensor) -> torch.Size:
+    """A tensor's whole shape: a ZeRO-3 partitioned parameter is an empty (or flat) tensor carrying it in ds_shape."""
+    return getattr(tensor, "ds_shape", None) or tensor.shape
+
+
 def _lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(weight [V, H], bias [V] or None)`` of the model's output projection."""
+    """``(weight [V, H], bias [V] or None)`` of the model's output projection (possibly ZeRO-3 partitioned)."""
     head = _transformers_model(model).get_output_embeddings()
     weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor) or weight.dim() != 2:
+    if not isinstance(weight, Tensor) or len(_full_shape(weight)) != 2:
         raise ValueError(
             f"the output embeddings of {type(model).__name__} are {type(head).__name__}, not a linear layer with a "
             "[V, H] weight; sdpo_ops.adapters.trl needs a plain lm_head"
@@ -230,8 +235,7 @@ def _declared_logit_transform(student: nn.Module, teacher: nn.Module) -> LogitTr
 def _vocab_size(model: nn.Module) -> int:
     """V: the rows of the lm_head (its full shape under ZeRO-3 partitioning)."""
     weight, _ = _lm_head(model)
-    shape = getattr(weight, "ds_shape", None) or weight.shape
-    return int(shape[0])
+    return int(_full_shape(weight)[0])
 
 
 class _RestoreTeacherOnTrainBegin(TrainerCallback):
@@ -303,6 +307,9 @@ class FusedDistillationMixin:
                 accelerator=trl_callback.accelerator,
             )
             self.add_callback(self._lora_ema_callback)
+            if self.is_deepspeed_enabled:
+                # ZeRO-3 must partition the teacher adapter with the rest: it has to exist before the engine.
+                self._lora_ema_callback.initialize_teacher_adapter()
 
     def _teacher_state_kind(self) -> str | None:
         """What a checkpoint must hold for the teacher: None for ``"base"``/``"live"`` (rebuilt identically)."""
@@ -459,16 +466,16 @@ class FusedDistillationMixin:
         if with_teacher:
             teacher_wrapper = self.teacher_model
             teacher = self.accelerator.unwrap_model(teacher_wrapper)
+            teacher_inputs = (teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], length)
             with torch.no_grad(), self._get_teacher_context_for_self_distillation():
-                teacher_hidden = self._forward_redirection(
-                    teacher_wrapper,
-                    teacher,
-                    self._completion_hidden_states,
-                    teacher,
-                    inputs["teacher_input_ids"],
-                    inputs["teacher_attention_mask"],
-                    length,
-                )
+                if teacher is student:
+                    # The teacher is the student's own model (a PEFT adapter switched): this already runs inside
+                    # its wrapper's forward, and a second, nested one breaks ZeRO-3's parameter fetch order.
+                    teacher_hidden = self._completion_hidden_states(*teacher_inputs)
+                else:
+                    teacher_hidden = self._forward_redirection(
+                        teacher_wrapper, teacher, self._completion_hidden_states, *teacher_inputs
+                    )
             teacher_weight, teacher_bias = _lm_head(teacher)
         else:
             teacher_hidden, teacher_weight, teacher_bias = student_hidden.detach(), student_weight, student_bias

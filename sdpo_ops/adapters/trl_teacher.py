@@ -21,7 +21,9 @@ of teacher is an error; resuming an EMA run from a checkpoint without the file i
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 from safetensors import safe_open
@@ -54,18 +56,31 @@ def _is_zero3_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
+@contextlib.contextmanager
+def zero3_gathered(parameters: list[nn.Parameter], *, modified: bool = False) -> Iterator[None]:
+    """ZeRO-3 partitioned ``parameters`` whole inside the context (a collective), others as they are.
+
+    ``modified=True``: what rank 0 wrote into them is broadcast and partitioned again on exit (every rank must
+    write the same values); otherwise writes are discarded.
+    """
+    partitioned = [p for p in parameters if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0 if modified else None):
+        yield
+
+
 def gather_model_state(module: nn.Module) -> dict[str, Tensor]:
     """The module's full state dict on CPU. Every rank must call it; under FSDP2 only the main rank gets tensors."""
     if _has_dtensors(module):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _is_zero3_partitioned(module):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters())):
-            return {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
-    return {name: value.detach().cpu() for name, value in module.state_dict().items()}
+    with zero3_gathered(list(module.parameters())):
+        return {name: value.detach().cpu().clone() for name, value in module.state_dict().items()}
 
 
 @torch.no_grad()
@@ -75,13 +90,8 @@ def load_model_state(module: nn.Module, state: dict[str, Tensor]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         set_model_state_dict(module, state, options=StateDictOptions(full_state_dict=True))
-    elif _is_zero3_partitioned(module):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-            if torch.distributed.get_rank() == 0:
-                module.load_state_dict(state)
-    else:
+        return
+    with zero3_gathered(list(module.parameters()), modified=True):
         module.load_state_dict(state)
 
 
@@ -122,15 +132,32 @@ class LoRAEMATeacherCallback(PEFTAdapterEMACallback):
     sharding, holds plain tensors: TRL copies one into the other and fails ("aten.copy_.default got mixed
     torch.Tensor and DTensor"). Here the student's adapter is gathered whole first (a collective, on every rank
     at each sync step), so the shadow and the teacher adapter are plain full tensors, identical on every rank.
+
+    Under DeepSpeed ZeRO-3 the engine partitions (and hooks) only the parameters that exist when it is built: the
+    trainer creates the teacher adapter before that (:meth:`initialize_teacher_adapter`), not at train begin as
+    TRL does (TRL's callback then fails: its shadow is copied from numel-0 shards, and generation's gather finds an
+    unregistered parameter). The student's adapter is gathered to read it, the teacher's to write it.
     """
 
     resumed_from_checkpoint_adapter = False
 
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return [p for name, p in self._peft_model().named_parameters() if f".{adapter_name}." in name]
+
     def _get_student_state_dict(self) -> dict[str, Tensor]:
-        return {key: _full_tensor(value) for key, value in super()._get_student_state_dict().items()}
+        model = self._peft_model()
+        with zero3_gathered(self._adapter_parameters(model.active_adapter or "default")):
+            # Copies: a gathered ZeRO-3 parameter is emptied again on exit.
+            return {
+                key: _full_tensor(value).detach().clone() for key, value in super()._get_student_state_dict().items()
+            }
 
     def _peft_model(self) -> nn.Module:
         return self.model if self.accelerator is None else self.accelerator.unwrap_model(self.model)
+
+    def initialize_teacher_adapter(self) -> None:
+        """Create the ``"teacher"`` adapter (zeros) and its shadow now; idempotent (TRL calls it at train begin)."""
+        self._initialize_teacher_adapter()
 
     def _initialize_teacher_adapter(self) -> None:
         if self._initialized:
@@ -145,8 +172,9 @@ class LoRAEMATeacherCallback(PEFTAdapterEMACallback):
             # shadow continues from it, as it equals the shadow at the last sync.
             from peft import get_peft_model_state_dict
 
-            teacher_state = get_peft_model_state_dict(model, adapter_name=self.teacher_adapter_name)
-            self.shadow_weights = {key: _full_tensor(value).detach().clone() for key, value in teacher_state.items()}
+            with zero3_gathered(self._adapter_parameters(self.teacher_adapter_name)):
+                teacher_state = get_peft_model_state_dict(model, adapter_name=self.teacher_adapter_name)
+                self.shadow_weights = {key: _full_tensor(v).detach().clone() for key, v in teacher_state.items()}
             self.resumed_from_checkpoint_adapter = True
             return
         # TRL starts the teacher adapter at zero (the base model's outputs), then averages the student in.
@@ -162,7 +190,8 @@ class LoRAEMATeacherCallback(PEFTAdapterEMACallback):
         # As TRL: activating the teacher adapter while loading it, then the student's again, leaves the student's
         # adapter the trainable one.
         model.set_adapter(self.teacher_adapter_name)
-        set_peft_model_state_dict(model, self.shadow_weights, adapter_name=self.teacher_adapter_name)
+        with zero3_gathered(self._adapter_parameters(self.teacher_adapter_name), modified=True):
+            set_peft_model_state_dict(model, self.shadow_weights, adapter_name=self.teacher_adapter_name)
         model.set_adapter(student_adapter)
 
     @torch.no_grad()

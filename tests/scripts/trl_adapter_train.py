@@ -18,7 +18,9 @@ from the checkpoint at step K, in the same processes (one launch instead of two:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import sys
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -42,6 +44,12 @@ def reward_by_prompt(prompts, completion_ids, **kwargs) -> list[dict]:
     return items
 
 
+def reward_without_feedback(prompts, completion_ids, **kwargs) -> list[float]:
+    """As :func:`reward_by_prompt`, without feedback: the failing prompt's group has nothing to distil (no
+    demonstration, no feedback), so the process that holds it distils no token."""
+    return [float("yes" in prompt[-1]["content"]) for prompt in prompts]
+
+
 def force_fsdp_on_cpu() -> None:
     """Make accelerate keep the FSDP plugin it drops on a CPU-only machine (see the module docstring)."""
     from accelerate.state import AcceleratorState, PartialState
@@ -61,25 +69,75 @@ def force_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = resolve_keeping_fsdp
 
 
+def use_gloo_for_deepspeed_on_cpu() -> None:
+    """Make accelerate pick gloo for the processes a launcher started on a CPU-only machine.
+
+    Under DeepSpeed the state must be built with ``use_cpu=False`` (``cpu=True`` skips its DeepSpeed set-up), and
+    then accelerate's backend detection finds no accelerator backend: it counts one process while DeepSpeed (whose
+    CPU accelerator runs gloo) sees two. The narrowest patch is that detection's answer.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    detect = PartialState._prepare_backend
+
+    def detect_or_gloo(self, cpu=False, sagemaker_dp=False, backend=None):
+        found, distributed_type = detect(self, cpu, sagemaker_dp, backend)
+        if found is None and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return found, distributed_type
+
+    PartialState._prepare_backend = detect_or_gloo
+
+
+def deepspeed_config(stage: int) -> dict:
+    """ZeRO ``stage`` on CPU, fp32; every parameter partitioned (no small one kept whole on each rank)."""
+    return {
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_allow_untested_optimizer": True,  # the Trainer's torch SGD
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": False},
+        "fp16": {"enabled": False},
+    }
+
+
+def _gathered(parameters: list[torch.nn.Parameter]):
+    """ZeRO-3 shards gathered whole for the duration of the context (nothing to do otherwise)."""
+    if any(hasattr(p, "ds_id") for p in parameters):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(parameters)
+    return contextlib.nullcontext()
+
+
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     if isinstance(tensor, torch.distributed.tensor.DTensor):
         tensor = tensor.full_tensor()
     return tensor.detach().cpu().clone()
 
 
+def _named_weights(model: torch.nn.Module, keep) -> dict[str, torch.Tensor]:
+    named = [(name, p) for name, p in model.named_parameters() if keep(name)]
+    with _gathered([p for _, p in named]):
+        return {name: _full(p) for name, p in named}
+
+
 def model_weights(trainer) -> dict[str, torch.Tensor]:
-    """The student's parameters, whole (gathered from FSDP2 shards), without the LoRA teacher adapter."""
+    """The student's parameters, whole (gathered from FSDP2/ZeRO-3 shards), without the LoRA teacher adapter."""
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return {name: _full(p) for name, p in model.named_parameters() if ".teacher." not in name}
+    return _named_weights(model, lambda name: ".teacher." not in name)
 
 
 def teacher_weights(trainer) -> dict[str, torch.Tensor]:
     """The EMA teacher's tensors, whole: the LoRA "teacher" adapter, or the separate copy's parameters."""
     if trainer.teacher_model is trainer.model:
         model = trainer.accelerator.unwrap_model(trainer.model)
-        return {name: _full(p) for name, p in model.named_parameters() if ".teacher." in name}
+        return _named_weights(model, lambda name: ".teacher." in name)
     teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
-    return {name: _full(p) for name, p in teacher.named_parameters()}
+    return _named_weights(teacher, lambda name: True)
 
 
 class TeacherSnapshots(TrainerCallback):
@@ -119,8 +177,9 @@ def train(options, output_dir: str, resume_from: str | None) -> dict:
         num_iterations=2,
         # Greedy decoding: the completions do not depend on how the random streams are split across ranks.
         generation_kwargs={"do_sample": False},
-        distillation_mode="topk_logits",
-        distillation_topk=5,
+        distillation_mode=options.mode,
+        distillation_topk=5 if options.mode == "topk_logits" else None,
+        teacher_model_kind=options.teacher,
         distillation_add_tail=True,
         distillation_alpha=0.5,
         include_environment_feedback=True,
@@ -129,7 +188,6 @@ def train(options, output_dir: str, resume_from: str | None) -> dict:
         lr_scheduler_type="constant",
         logging_steps=1,
         report_to="none",
-        use_cpu=True,
         bf16=False,
         # The saved model's dtype (the test saves float64), for the student and TRL's teacher copy.
         model_init_kwargs={"dtype": "auto"},
@@ -142,6 +200,9 @@ def train(options, output_dir: str, resume_from: str | None) -> dict:
         # A fast EMA, so that the teacher moves visibly in two steps.
         teacher_update_rate=0.3,
         disable_tqdm=True,
+        # DeepSpeed runs with use_cpu=False: use_cpu=True would skip accelerate's DeepSpeed set-up.
+        use_cpu=not options.zero,
+        deepspeed=deepspeed_config(options.zero) if options.zero else None,
         **sharding,
     )
     peft_config = None
@@ -154,7 +215,7 @@ def train(options, output_dir: str, resume_from: str | None) -> dict:
     snapshots = TeacherSnapshots()
     trainer = SDPOTrainer(
         model=options.model_dir,
-        reward_funcs=reward_by_prompt,
+        reward_funcs=reward_without_feedback if options.no_feedback else reward_by_prompt,
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -175,7 +236,8 @@ def train(options, output_dir: str, resume_from: str | None) -> dict:
     }
 
 
-def main() -> None:
+def parse_runs(argv: list[str]) -> list[argparse.Namespace]:
+    """One or more runs, their options separated by ``+`` (several runs share one launch: start-up dominates)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--out", required=True)
@@ -189,18 +251,36 @@ def main() -> None:
         help="after the run, resume a fresh trainer from its checkpoint at this step (saved as rank<i>_resumed.pt)",
     )
     parser.add_argument("--fsdp2", action="store_true")
+    parser.add_argument("--zero", type=int, choices=(2, 3), default=None, help="DeepSpeed ZeRO stage")
     parser.add_argument("--lora", action="store_true")
-    options = parser.parse_args()
-    if options.fsdp2:
+    parser.add_argument("--teacher", choices=("ema", "base"), default="ema", help="teacher_model_kind")
+    parser.add_argument("--mode", choices=("topk_logits", "full_logits"), default="topk_logits")
+    parser.add_argument("--no-feedback", action="store_true", help="the failing prompt's group distils nothing")
+    groups: list[list[str]] = [[]]
+    for arg in argv:
+        if arg == "+":
+            groups.append([])
+        else:
+            groups[-1].append(arg)
+    return [parser.parse_args(group) for group in groups]
+
+
+def main() -> None:
+    runs = parse_runs(sys.argv[1:])
+    if any(options.fsdp2 for options in runs):
         force_fsdp_on_cpu()
+    if any(options.zero for options in runs):
+        use_gloo_for_deepspeed_on_cpu()
 
     rank = int(os.environ.get("RANK", "0"))
-    run_dir = os.path.join(options.out, "trainer")
-    torch.save(train(options, run_dir, None), os.path.join(options.out, f"rank{rank}.pt"))
-    if options.then_resume_from_step is not None:
-        checkpoint = os.path.join(run_dir, f"checkpoint-{options.then_resume_from_step}")
-        record = train(options, os.path.join(options.out, "resumed"), checkpoint)
-        torch.save(record, os.path.join(options.out, f"rank{rank}_resumed.pt"))
+    for options in runs:
+        os.makedirs(options.out, exist_ok=True)
+        run_dir = os.path.join(options.out, "trainer")
+        torch.save(train(options, run_dir, None), os.path.join(options.out, f"rank{rank}.pt"))
+        if options.then_resume_from_step is not None:
+            checkpoint = os.path.join(run_dir, f"checkpoint-{options.then_resume_from_step}")
+            record = train(options, os.path.join(options.out, "resumed"), checkpoint)
+            torch.save(record, os.path.join(options.out, f"rank{rank}_resumed.pt"))
 
 
 if __name__ == "__main__":
