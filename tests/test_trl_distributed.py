@@ -30,6 +30,8 @@ from tolerances import (
     DDP_VS_ONE_PROCESS_LOG,
     DDP_VS_ONE_PROCESS_WEIGHT_UPDATE,
     TRAINER_DTYPE,
+    TRAINER_FP32_LOG,
+    TRAINER_FP32_WEIGHT_UPDATE,
     TRAINER_LOG,
     TRAINER_WEIGHT_UPDATE,
 )
@@ -291,7 +293,9 @@ def test_zero_two_processes_match_one_process(scenario, zero_runs):
     zero = run["zero"]
     one = zero_runs["full_logits"]["one"][0] if scenario == "zero2" else run["one"][0]
     assert "DEEPSPEED" in zero[0]["distributed_type"] and zero[0]["num_processes"] == 2
-    _assert_close_logs(zero[0]["logs"], one["logs"], **TRAINER_LOG)
+    # DeepSpeed's engine carries fp32 rounding into the float64 model's run (measured: loss 6.7e-7 relative, a logged
+    # metric 1.1e-6, weight updates 5.5e-7 absolute): held to the measured fp32 trainer bounds of tolerances.py.
+    _assert_close_logs(zero[0]["logs"], one["logs"], **TRAINER_FP32_LOG)
     initial = zero_runs["initial"]
     for what in ("weights", "teacher"):
         expected = one[what]
@@ -302,7 +306,10 @@ def test_zero_two_processes_match_one_process(scenario, zero_runs):
             updates = {name: zero[rank][what][name] - reference[name] for name in expected}
             expected_updates = {name: expected[name] - reference[name] for name in expected}
             _assert_equal_tensors(
-                updates, expected_updates, f"ZeRO rank {rank} vs one process, {what}", **TRAINER_WEIGHT_UPDATE
+                updates,
+                expected_updates,
+                f"ZeRO rank {rank} vs one process, {what}",
+                **TRAINER_FP32_WEIGHT_UPDATE,
             )
     # Base weights start as saved, LoRA's B matrices at zero (its A matrices at random: left out).
     starts = {
