@@ -459,7 +459,8 @@ def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tens
             for accumulator in (grads.hidden, grads.weight, grads.bias):
                 if accumulator is not None:
                     accumulator.mul_(fold.to(accumulator.dtype))
-        grads.scale = dz_scale
+        # a new record, not an attribute write: torch.compile traces backward and refuses side effects in it
+        grads = replace(grads, scale=dz_scale)
         _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, target_scale)
         upstream = None if dz_scale is None else 1.0 / dz_scale
     if grads is None:

@@ -16,7 +16,6 @@ What does not differ by device stays where it is used: fp64 accumulates in fp64,
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,26 +130,27 @@ CPU_POLICY = DevicePolicy(
     triton_by_default=False,
 )
 
-_FORCED: contextvars.ContextVar[DevicePolicy | None] = contextvars.ContextVar("sdpo_ops_device_policy", default=None)
+# The policies ``use_policy`` forced, innermost last. A plain list, not a ContextVar: torch.compile traces (and
+# guards on) a global list, while ContextVar.get breaks a fullgraph compile. Forcing is a test tool: not thread-local.
+_FORCED: list[DevicePolicy] = []
 
 
 def policy_for(device: torch.device) -> DevicePolicy:
     """The policy a call on ``device`` follows: the one ``use_policy`` set, else CUDA's for CUDA and ``meta``
     (dry runs stand for a GPU), CPU's for every other device."""
-    forced = _FORCED.get()
-    if forced is not None:
-        return forced
+    if _FORCED:
+        return _FORCED[-1]
     return CUDA_POLICY if device.type in _FP32_OUTPUT_MM_DEVICES else CPU_POLICY
 
 
 @contextlib.contextmanager
 def use_policy(policy: DevicePolicy) -> Iterator[DevicePolicy]:
     """Every fused call inside follows ``policy`` whatever its tensors' device (tests: the CUDA policy on CPU)."""
-    token = _FORCED.set(policy)
+    _FORCED.append(policy)
     try:
         yield policy
     finally:
-        _FORCED.reset(token)
+        _FORCED.pop()
 
 
 def mm_into_fp32(out: Tensor, a: Tensor, b: Tensor, *, beta: float | None = None) -> None:
