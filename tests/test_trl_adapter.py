@@ -497,6 +497,22 @@ def test_topk_with_full_logits_warns(model_dirs, tokenizer, tmp_path):
         _trainer(model_dirs["untied"], tokenizer, args, ScheduledReward())
 
 
+def test_teacher_copy_of_a_student_instance_takes_its_dtype_and_attention(model_dirs, tokenizer, tmp_path):
+    """TRL >= 1.16 builds the EMA teacher copy of a student passed as an instance like that student; TRL 1.15 loads it
+    in float32 with the default attention, so the adapter supplies 1.16's defaults there (``make test-trl115``)."""
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(
+        model_dirs["untied"], dtype=torch.float64, attn_implementation="eager"
+    )
+    args = _config(tmp_path, model_init_kwargs=None, teacher_model_kind="ema")
+    trainer = _trainer(student, tokenizer, args, ScheduledReward())
+    teacher = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    assert teacher is not student
+    assert (teacher.dtype, teacher.config._attn_implementation) == (torch.float64, "eager")
+    assert args.model_init_kwargs is None  # TRL 1.15 edits the dict it is given: not the user's
+
+
 def test_opt_with_its_default_dropout_trains_like_trl(tokenizer, tmp_path):
     """OPT applies dropout functionally (``nn.functional.dropout(p=config.dropout)``), which TRL's
     ``disable_dropout`` does not reach: training-mode forwards differ from one another. The head check must not

@@ -81,6 +81,8 @@ import torch
 from torch import Tensor, nn
 
 try:
+    # The oldest TRL the suite passes on (`make test-trl115`); pyproject's `trl` extra asks the same.
+    _MIN_TRL = "1.15"
     import trl
     from packaging.version import Version
     from trl.experimental.sdpo import SDPOConfig as _TRLSDPOConfig
@@ -89,12 +91,13 @@ try:
     from trl.experimental.sdpo.teacher_sync import PEFTAdapterEMACallback
 except ImportError as error:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        f'sdpo_ops.adapters.trl needs TRL >= 1.16 ({error}); install it with: pip install "sdpo-ops[trl]"'
+        f'sdpo_ops.adapters.trl needs TRL >= {_MIN_TRL} ({error}); install it with: pip install "sdpo-ops[trl]"'
     ) from error
 
-if Version(trl.__version__) < Version("1.16"):  # pragma: no cover
+if Version(trl.__version__) < Version(_MIN_TRL):  # pragma: no cover
     raise ImportError(
-        f'sdpo_ops.adapters.trl needs TRL >= 1.16, found {trl.__version__}; upgrade with: pip install "sdpo-ops[trl]"'
+        f"sdpo_ops.adapters.trl needs TRL >= {_MIN_TRL}, found {trl.__version__}; "
+        'upgrade with: pip install "sdpo-ops[trl]"'
     )
 
 from sdpo_ops.adapters.feedback import split_scores_and_feedback

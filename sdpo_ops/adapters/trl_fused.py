@@ -45,7 +45,9 @@ import warnings
 from typing import Any
 
 import torch
+import trl
 from accelerate.utils import is_peft_model
+from packaging.version import Version
 from torch import Tensor, nn
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -179,6 +181,30 @@ def _full_head_tensors(*tensors: Tensor | None):
         yield [copies.get(id(t), t) if t is not None else None for t in full]
 
 
+# TRL 1.16 builds a separate teacher (EMA copy, base copy) in the student's dtype and attention implementation when
+# `model_init_kwargs` do not name them; 1.15 loads it in float32 with transformers' default attention.
+_TRL_BUILDS_TEACHER_LIKE_STUDENT = Version(trl.__version__) >= Version("1.16")
+
+
+@contextlib.contextmanager
+def _teacher_built_like_student(trainer):
+    """On TRL 1.15, TRL 1.16's teacher: ``args.model_init_kwargs`` default to the student's dtype and attention while
+    TRL builds it (and TRL 1.15's in-place edits of that dict stay off the user's config)."""
+    if _TRL_BUILDS_TEACHER_LIKE_STUDENT:
+        yield
+        return
+    args = trainer.args
+    original = args.model_init_kwargs
+    init_kwargs = dict(original or {})
+    init_kwargs.setdefault("dtype", trainer.model.dtype)
+    init_kwargs.setdefault("attn_implementation", trainer.model.config._attn_implementation)
+    args.model_init_kwargs = init_kwargs
+    try:
+        yield
+    finally:
+        args.model_init_kwargs = original
+
+
 _DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
 _TEACHER_MODEL_KINDS = ("ema", "base", "live")
 
@@ -294,8 +320,10 @@ class FusedDistillationMixin:
     # ------------------------------------------------------------------------------ teacher checkpoints
 
     def _setup_teacher_model(self) -> None:
-        """TRL's teacher set-up, with TRL's LoRA EMA callback replaced by one that works under FSDP2 and saves."""
-        super()._setup_teacher_model()
+        """TRL's teacher set-up (TRL 1.16's on 1.15 too), with TRL's LoRA EMA callback replaced by one that works under
+        FSDP2 and saves."""
+        with _teacher_built_like_student(self):
+            super()._setup_teacher_model()
         self._lora_ema_callback: trl_teacher.LoRAEMATeacherCallback | None = None
         trl_callback = self.pop_callback(self._trl_lora_ema_callback)
         if trl_callback is not None:
