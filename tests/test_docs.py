@@ -104,6 +104,18 @@ def test_first_example_prints_what_the_readme_says():
     assert namespace["student_hidden"].grad is not None and namespace["lm_head"].weight.grad is not None
 
 
+def test_oldest_supported_trl_is_the_one_tested():
+    """pyproject's ``trl`` floor, the adapter's import check and the TRL ``make test-trl115`` installs are one version,
+    and the README says it is tested (the target itself runs outside CI)."""
+    from sdpo_ops.adapters.trl import _MIN_TRL
+
+    floor = re.search(r'"trl>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    target = re.search(r"^test-trl115:\n(?:\t.*\n)+", (REPO / "Makefile").read_text(), flags=re.MULTILINE).group(0)
+    installed = re.search(r'"trl==([\d.]+)\.\*"', target).group(1)
+    assert floor == _MIN_TRL == installed
+    assert f"TRL {floor}" in README.read_text() and "make test-trl115" in README.read_text()
+
+
 def test_readme_yaml_blocks_parse():
     yaml = pytest.importorskip("yaml")
     blocks = _blocks("yaml")
