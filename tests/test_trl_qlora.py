@@ -99,7 +99,7 @@ def _linear4bit_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 def _snapshot(value):
-    """``value`` frozen for comparison: tensors cloned with their dtype and shape, a QuantState's fields, recursively."""
+    """``value`` frozen for comparison: tensors cloned with dtype and shape, a QuantState's fields, recursively."""
     if isinstance(value, torch.Tensor):
         return ("tensor", value.dtype, tuple(value.shape), value.detach().clone())
     if isinstance(value, bitsandbytes.functional.QuantState):
@@ -155,9 +155,7 @@ class RepackingForwards:
 
     def __init__(self, model: torch.nn.Module):
         self.repacking, self.total = 0, 0
-        self.handles = [
-            layer.register_forward_pre_hook(self._record) for layer in _linear4bit_layers(model).values()
-        ]
+        self.handles = [layer.register_forward_pre_hook(self._record) for layer in _linear4bit_layers(model).values()]
 
     def _record(self, layer, args) -> None:
         self.total += 1
@@ -182,7 +180,9 @@ def test_constructing_our_trainer_leaves_the_quantized_base_unchanged(model_dir,
     assert causal_lm is model  # PEFT wrapped the very model in place
     assert forwards.total == 0
     assert_same_state(quantized_base_state(causal_lm), before)
-    after = {key.replace(".base_layer", ""): value for key, value in causal_lm.state_dict().items() if "lora_" not in key}
+    after = {
+        key.replace(".base_layer", ""): value for key, value in causal_lm.state_dict().items() if "lora_" not in key
+    }
     assert after.keys() == state_dict.keys()
     for key, value in state_dict.items():
         assert after[key].dtype == value.dtype and torch.equal(after[key], value), key
