@@ -1,5 +1,8 @@
 """QLoRA: ``sdpo_ops.adapters.trl.SDPOTrainer`` on a bitsandbytes NF4 base with LoRA on q/v, against TRL's trainer.
 
+Code under test: the head check and head reading of ``sdpo_ops/adapters/trl_fused.py``, and ``heads.py``'s
+``head_check_streams`` and ``refuse_quantized_head`` (also reached through ``model_inputs.backbone_and_head``).
+
 bitsandbytes' CPU backend runs the 4-bit layers here. Its ``Linear4bit`` repacks its weight for inference, for good,
 on the first forward that is in eval mode with an input without gradient, on CPUs with AVX512-BF16
 (``bitsandbytes/nn/modules.py``, ``Linear4bit.forward``); training on the repacked weight then fails. Our head check
