@@ -88,6 +88,10 @@ class DevicePolicy:
         stride = -(-vocab // self.row_stride_multiple) * self.row_stride_multiple
         return torch.empty(rows, stride, dtype=dtype, device=device)[:, :vocab]
 
+    def __fx_repr__(self) -> tuple[str, dict[str, type]]:
+        """Source that rebuilds this policy in a traced graph (an opaque value of ``sdpo_ops.compiled_op``'s ops)."""
+        return repr(self), {"DevicePolicy": DevicePolicy}
+
 
 def _rows_for_intensity(target: float, vocab: int, hidden_size: int) -> int | None:
     """The fewest rows C with ``2 C H V / (2 V H + 2 C H + 4 C V) >= target`` (bf16 operands, fp32 output);

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
-from sdpo_ops.chunked import ChunkedSDPOFunction, FusedOptions, accumulation_dtype
+from sdpo_ops.chunked import FusedOptions, accumulation_dtype
+from sdpo_ops.compiled_op import chunk_rows_for_call, chunked_sdpo
 from sdpo_ops.device_policy import DevicePolicy, policy_for
 from sdpo_ops.reference import sdpo_loss_reference, sdpo_loss_reference_from_logits
 
@@ -455,12 +456,12 @@ def sdpo_loss(
         is_clip=None if is_clip is None else float(is_clip),
         temperature=float(temperature),
         grad_in_forward=grad_in_forward,
-        chunk_size=chunk_size or policy.chunk_rows(num_tokens, vocab, student_hidden.shape[-1]),
+        chunk_size=chunk_size or chunk_rows_for_call(policy, num_tokens, vocab, student_hidden.shape[-1]),
         logit_scale=float(logit_scale),
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
         policy=policy,
     )
-    fused = ChunkedSDPOFunction.apply(
+    fused = chunked_sdpo(
         student_hidden.reshape(num_tokens, student_hidden.shape[-1]),
         student_weight,
         student_bias,

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
-from sdpo_ops.chunked import FusedOptions, TeacherTopKSDPOFunction, accumulation_dtype
+from sdpo_ops.chunked import FusedOptions, accumulation_dtype
+from sdpo_ops.compiled_op import chunk_rows_for_call, teacher_topk_sdpo
 from sdpo_ops.device_policy import policy_for
 from sdpo_ops.loss import (
     SDPOOutput,
@@ -224,7 +225,8 @@ def sdpo_loss_from_teacher_topk(
 
     num_tokens = leading_shape.numel()
     logprobs, ids = _with_stand_ins(teacher_topk_logprobs, teacher_topk_ids, float_mask)
-    if validate_teacher:
+    # while compiling, the fused op checks them where their values are known (a host read here breaks the graph)
+    if validate_teacher and not (torch.compiler.is_compiling() and backend != "reference"):
         _check_teacher_values(logprobs, ids, vocab)
     logprobs = logprobs.to(dtype)
 
@@ -263,12 +265,12 @@ def sdpo_loss_from_teacher_topk(
         temperature=float(temperature),
         # a scalar loss's gradient is formed in forward; "none" gets a per-token upstream gradient in backward
         grad_in_forward=reduction != "none",
-        chunk_size=policy.chunk_rows(num_tokens, vocab, student_hidden.shape[-1]),
+        chunk_size=chunk_rows_for_call(policy, num_tokens, vocab, student_hidden.shape[-1]),
         logit_scale=float(logit_scale),
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
         policy=policy,
     )
-    fused = TeacherTopKSDPOFunction.apply(
+    fused = teacher_topk_sdpo(
         student_hidden.reshape(num_tokens, student_hidden.shape[-1]),
         student_weight,
         student_bias,
@@ -279,6 +281,7 @@ def sdpo_loss_from_teacher_topk(
         _row_weight(float_mask, reduction, normalizer, token_weights).reshape(-1),
         options,
         row_ops,
+        validate_teacher=validate_teacher,
     )
     result = _fused_result(fused, float_mask, token_weights, use_is=old_logprobs is not None and is_clip is not None)
     result["teacher_target_logprobs"] = None  # the teacher's log-prob of the target is not among its top-K inputs
