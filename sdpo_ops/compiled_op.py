@@ -26,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torch._library.opaque_object import register_opaque_type
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from sdpo_ops import row_ops as torch_row_ops
 from sdpo_ops.chunked import (
@@ -56,6 +57,17 @@ def chunk_rows_for_call(policy: DevicePolicy, num_tokens: int, vocab: int, hidde
     if torch.compiler.is_compiling():
         return 0
     return policy.chunk_rows(num_tokens, vocab, hidden_size)
+
+
+def static_options(*values):
+    """The options' numbers as Python constants while compiling (unchanged in eager). Dynamo makes a number it reads
+    from a default, a global or an attribute symbolic under ``dynamic=True`` (or once it changed between calls); an
+    option picks code paths and shapes (K) and is a constant of the ops: specialised here, before any check reads
+    it (a new value compiles anew, as it does by default)."""
+    if not torch.compiler.is_compiling():
+        return values
+    numbers = (int, float, torch.SymInt, torch.SymFloat)
+    return tuple(guard_scalar(v) if isinstance(v, numbers) and not isinstance(v, bool) else v for v in values)
 
 
 def _resolved(options: FusedOptions, student_hidden: Tensor, student_weight: Tensor) -> FusedOptions:
@@ -184,8 +196,7 @@ def _fused_sdpo_fake(student_hidden, student_weight, student_bias, teacher_hidde
         return row_weight.new_empty(0)
 
     formed = _formed(options, needs_grad, student_weight)
-    weight_grad_dtype = accumulation_dtype(student_weight.dtype)
-    vocab, hidden_size = student_weight.shape
+    accumulator = {"dtype": accumulation_dtype(student_weight.dtype)}  # dW and db's (``_Gradients.allocate``)
     return _OpOutputs(
         loss=row_weight.new_empty((), dtype=dtype) if options.grad_in_forward else rows(),
         target_logprobs=rows(),
@@ -201,8 +212,8 @@ def _fused_sdpo_fake(student_hidden, student_weight, student_bias, teacher_hidde
         sparse_grad=rows(topk),
         dense_grad=rows(),
         grad_hidden=torch.empty_like(student_hidden) if formed[0] else placeholder(),
-        grad_weight=student_weight.new_empty(vocab, hidden_size, dtype=weight_grad_dtype) if formed[1] else placeholder(),
-        grad_bias=student_weight.new_empty(vocab, dtype=weight_grad_dtype) if formed[2] else placeholder(),
+        grad_weight=student_weight.new_empty(student_weight.shape, **accumulator) if formed[1] else placeholder(),
+        grad_bias=student_weight.new_empty(student_weight.shape[0], **accumulator) if formed[2] else placeholder(),
         grad_scale=row_weight.new_empty((), dtype=torch.float32) if formed[3] else placeholder(),
     )
 
@@ -218,10 +229,10 @@ def _fused_sdpo_setup_context(ctx, inputs, output) -> None:
     ctx.form_grad_now = any(formed)
     ctx.precomputed = None
     if ctx.form_grad_now:
+        returned = (out.grad_hidden, out.grad_weight, out.grad_bias, out.grad_scale)
         ctx.precomputed = _Gradients(
-            *(grad if present else None
-              for grad, present in zip((out.grad_hidden, out.grad_weight, out.grad_bias, out.grad_scale), formed)),
-        )  # fmt: skip
+            *(grad if present else None for grad, present in zip(returned, formed, strict=True))
+        )
     ctx.save_for_backward(
         *_SavedForBackward(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
@@ -299,7 +310,7 @@ def _outputs(op_outputs: tuple) -> tuple[Tensor, ...]:
 
 
 def chunked_sdpo(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                 target_ids, old_logprobs, row_weight, options: FusedOptions, row_ops: ModuleType) -> tuple:  # fmt: skip
+                 target_ids, old_logprobs, row_weight, options: FusedOptions, row_ops: ModuleType):  # fmt: skip
     """``ChunkedSDPOFunction.apply`` (same arguments and outputs); while compiling, ``sdpo_ops::fused_sdpo``."""
     if not torch.compiler.is_compiling():
         return ChunkedSDPOFunction.apply(
@@ -317,7 +328,7 @@ def chunked_sdpo(student_hidden, student_weight, student_bias, teacher_hidden, t
 
 def teacher_topk_sdpo(student_hidden, student_weight, student_bias, teacher_topk_logprobs, teacher_topk_ids,
                       target_ids, old_logprobs, row_weight, options: FusedOptions, row_ops: ModuleType, *,
-                      validate_teacher: bool) -> tuple:  # fmt: skip
+                      validate_teacher: bool):  # fmt: skip
     """``TeacherTopKSDPOFunction.apply``; while compiling, ``sdpo_ops::fused_sdpo``, which also checks the teacher's
     values (``validate_teacher``: the check that eager callers run before, on the host)."""
     if not torch.compiler.is_compiling():

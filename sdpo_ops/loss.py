@@ -26,7 +26,7 @@ from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
 from sdpo_ops.chunked import FusedOptions, accumulation_dtype
-from sdpo_ops.compiled_op import chunk_rows_for_call, chunked_sdpo
+from sdpo_ops.compiled_op import chunk_rows_for_call, chunked_sdpo, static_options
 from sdpo_ops.device_policy import DevicePolicy, policy_for
 from sdpo_ops.reference import sdpo_loss_reference, sdpo_loss_reference_from_logits
 
@@ -391,6 +391,9 @@ def sdpo_loss(
         >>> bool(loss > 0), hidden.grad.shape
         (True, torch.Size([6, 16]))
     """
+    topk, alpha, is_clip, temperature, logit_scale, logit_softcap, chunk_size = static_options(
+        topk, alpha, is_clip, temperature, logit_scale, logit_softcap, chunk_size
+    )
     if not isinstance(student_hidden, Tensor):
         raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
     device = student_hidden.device
@@ -546,6 +549,9 @@ def sdpo_loss_from_logits(
     :func:`sdpo_loss`. Same options and validation; computes exactly
     ``sdpo_ops.reference.sdpo_loss_reference_from_logits``.
     """
+    topk, alpha, is_clip, temperature, logit_scale, logit_softcap = static_options(
+        topk, alpha, is_clip, temperature, logit_scale, logit_softcap
+    )
     if not isinstance(student_logits, Tensor):
         raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
     device = student_logits.device

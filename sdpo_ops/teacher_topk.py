@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
 from sdpo_ops.chunked import FusedOptions, accumulation_dtype
-from sdpo_ops.compiled_op import chunk_rows_for_call, teacher_topk_sdpo
+from sdpo_ops.compiled_op import chunk_rows_for_call, static_options, teacher_topk_sdpo
 from sdpo_ops.device_policy import policy_for
 from sdpo_ops.loss import (
     SDPOOutput,
@@ -208,6 +208,9 @@ def sdpo_loss_from_teacher_topk(
         >>> bool(loss > 0), weight.grad.shape
         (True, torch.Size([50, 16]))
     """
+    alpha, is_clip, temperature, logit_scale, logit_softcap = static_options(
+        alpha, is_clip, temperature, logit_scale, logit_softcap
+    )
     if not isinstance(student_hidden, Tensor):
         raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
     device = student_hidden.device
