@@ -117,6 +117,19 @@ def test_aot_autograd_traces_the_ops_backward_once():
     assert counter.frame_count == 1
 
 
+def test_inductor_compiles_once_over_token_counts():
+    # inductor (C++ code on CPU) compiles the forward and backward graphs around the op (needs a C++ compiler)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    loss_fn = _distillation_and_policy_loss("token-mean")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counter)
+    with use_policy(SMALL_CHUNKS):
+        for seed, num_tokens in enumerate((5, 13, 3)):
+            inputs = _inputs(seed, num_tokens)
+            _assert_same(_loss_and_grads(compiled, *inputs, mark_dynamic=True), _loss_and_grads(loss_fn, *inputs))
+    assert counter.frame_count == 1
+
+
 class _TinyDistilledModel(torch.nn.Module):
     """A module whose forward ends in ``sdpo_loss`` (what a compiled training step looks like)."""
 
