@@ -16,7 +16,9 @@ gives every output's shape in a symbolic N, so a graph compiled once serves ever
 Eager calls keep the autograd Functions: a ``TorchDispatchMode`` (``bench.trace``'s launch and memory counts, a
 profiler's FLOP counter) sees a custom op as one opaque op, and the Functions' backward hands the formed gradients
 over once (a second backward through a retained graph recomputes), which an op's traced backward cannot record.
-Both run the same forward and backward code: only the packaging differs.
+Both run the same forward and backward code: only the packaging differs. The options (``FusedOptions``, with its
+``DevicePolicy``) reach the ops as value-type opaque objects (``torch._library.opaque_object``, torch 2.13 here);
+on a torch that cannot register them, no op is registered and compiled calls trace the Functions as before.
 """
 
 from dataclasses import replace
@@ -25,7 +27,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch._library.opaque_object import register_opaque_type
 from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 from sdpo_ops import row_ops as torch_row_ops
@@ -45,16 +46,16 @@ from sdpo_ops.chunked import (
 )
 from sdpo_ops.device_policy import DevicePolicy
 
-# Options reach the ops as one constant of the graph, guarded by ``==`` (a new value compiles anew, as a new
-# Python constant would); they hold no tensor.
-register_opaque_type(DevicePolicy, typ="value")
-register_opaque_type(FusedOptions, typ="value")
+
+def compiles_as_op() -> bool:
+    """Whether this call is being compiled into ``sdpo_ops::fused_sdpo`` (this torch has the ops: ``_register_ops``)."""
+    return torch.compiler.is_compiling() and _FUSED_OP is not None
 
 
 def chunk_rows_for_call(policy: DevicePolicy, num_tokens: int, vocab: int, hidden_size: int) -> int:
     """``FusedOptions.chunk_size`` for a call without an explicit one: the policy's rows for N; 0 while compiling,
     where N is symbolic (``min(N, rows)`` would specialise the graph) and the op resolves 0 from the N it runs on."""
-    if torch.compiler.is_compiling():
+    if compiles_as_op():
         return 0
     return policy.chunk_rows(num_tokens, vocab, hidden_size)
 
@@ -133,7 +134,6 @@ def _formed(options: FusedOptions, needs_grad: list[bool], student_weight: Tenso
             formed and _needs_dz_scale(student_weight))  # fmt: skip
 
 
-@torch.library.custom_op("sdpo_ops::fused_sdpo", mutates_args=())
 def _fused_sdpo(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -180,7 +180,6 @@ def _fused_sdpo(
     )  # fmt: skip
 
 
-@_fused_sdpo.register_fake
 def _fused_sdpo_fake(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                      teacher_topk_logprobs, teacher_topk_ids, target_ids, old_logprobs, row_weight, options, backend,
                      needs_grad, validate_teacher):  # fmt: skip
@@ -247,12 +246,6 @@ def _fused_sdpo_backward(ctx, grad_loss, grad_target_logprobs, *_grad_non_differ
     return (*grads, *(None,) * (len(ctx.needs_input_grad) - len(grads)))  # nothing but the student's has one
 
 
-_fused_sdpo.register_autograd(_fused_sdpo_backward, setup_context=_fused_sdpo_setup_context)
-
-
-@torch.library.custom_op(
-    "sdpo_ops::recompute_student_gradients", mutates_args=("grad_hidden", "grad_weight", "grad_bias")
-)
 def _recompute_student_gradients(
     grad_hidden: Tensor | None,
     grad_weight: Tensor | None,
@@ -285,16 +278,40 @@ def _recompute_student_gradients(
     )
 
 
-@_recompute_student_gradients.register_fake
 def _recompute_student_gradients_fake(*_args) -> None:
     return None
+
+
+def _register_ops():
+    """``(sdpo_ops::fused_sdpo, sdpo_ops::recompute_student_gradients)``, or ``(None, None)`` where this torch cannot
+    take the options as a value-type opaque object (``torch._library``'s API, torch 2.13 here; torch >= 2.10 is
+    supported): compiled calls then trace the Functions, specialised on N, as before the ops existed."""
+    try:
+        from torch._library.opaque_object import register_opaque_type
+
+        # Options reach the ops as one constant of the graph, guarded by ``==`` (a new value compiles anew, as a new
+        # Python constant would); they hold no tensor.
+        register_opaque_type(DevicePolicy, typ="value")
+        register_opaque_type(FusedOptions, typ="value")
+    except (ImportError, TypeError, ValueError, AssertionError):
+        return None, None
+    fused = torch.library.custom_op("sdpo_ops::fused_sdpo", _fused_sdpo, mutates_args=())
+    fused.register_fake(_fused_sdpo_fake)
+    fused.register_autograd(_fused_sdpo_backward, setup_context=_fused_sdpo_setup_context)
+    mutated = ("grad_hidden", "grad_weight", "grad_bias")
+    recompute = torch.library.custom_op("sdpo_ops::recompute_student_gradients", _recompute_student_gradients,
+                                        mutates_args=mutated)  # fmt: skip
+    recompute.register_fake(_recompute_student_gradients_fake)
+    return fused, recompute
+
+
+_FUSED_OP, _RECOMPUTE_OP = _register_ops()
 
 
 def _recompute_with_op(backend: str, options: FusedOptions, grads: _Gradients, saved: _SavedForBackward,
                        loss_scale: Tensor | None, target_scale: Tensor | None) -> None:  # fmt: skip
     """``chunked._recompute_pass``'s signature, run as ``sdpo_ops::recompute_student_gradients``."""
-    _recompute_student_gradients(grads.hidden, grads.weight, grads.bias, *saved, loss_scale, target_scale, options,
-                                 backend)  # fmt: skip
+    _RECOMPUTE_OP(grads.hidden, grads.weight, grads.bias, *saved, loss_scale, target_scale, options, backend)
 
 
 def _needs_grad(*student: Tensor | None) -> list[bool]:
@@ -312,13 +329,13 @@ def _outputs(op_outputs: tuple) -> tuple[Tensor, ...]:
 def chunked_sdpo(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
                  target_ids, old_logprobs, row_weight, options: FusedOptions, row_ops: ModuleType):  # fmt: skip
     """``ChunkedSDPOFunction.apply`` (same arguments and outputs); while compiling, ``sdpo_ops::fused_sdpo``."""
-    if not torch.compiler.is_compiling():
+    if not compiles_as_op():
         return ChunkedSDPOFunction.apply(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, target_ids,
             old_logprobs, row_weight, options, row_ops,
         )  # fmt: skip
     return _outputs(
-        _fused_sdpo(
+        _FUSED_OP(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, None, None,
             target_ids, old_logprobs, row_weight, options, _backend_name(row_ops),
             _needs_grad(student_hidden, student_weight, student_bias), False,
@@ -331,13 +348,13 @@ def teacher_topk_sdpo(student_hidden, student_weight, student_bias, teacher_topk
                       validate_teacher: bool):  # fmt: skip
     """``TeacherTopKSDPOFunction.apply``; while compiling, ``sdpo_ops::fused_sdpo``, which also checks the teacher's
     values (``validate_teacher``: the check that eager callers run before, on the host)."""
-    if not torch.compiler.is_compiling():
+    if not compiles_as_op():
         return TeacherTopKSDPOFunction.apply(
             student_hidden, student_weight, student_bias, teacher_topk_logprobs, teacher_topk_ids, target_ids,
             old_logprobs, row_weight, options, row_ops,
         )  # fmt: skip
     return _outputs(
-        _fused_sdpo(
+        _FUSED_OP(
             student_hidden, student_weight, student_bias, None, None, None, teacher_topk_logprobs, teacher_topk_ids,
             target_ids, old_logprobs, row_weight, options, _backend_name(row_ops),
             _needs_grad(student_hidden, student_weight, student_bias), validate_teacher,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
 from sdpo_ops.chunked import FusedOptions, accumulation_dtype
-from sdpo_ops.compiled_op import chunk_rows_for_call, static_options, teacher_topk_sdpo
+from sdpo_ops.compiled_op import chunk_rows_for_call, compiles_as_op, static_options, teacher_topk_sdpo
 from sdpo_ops.device_policy import policy_for
 from sdpo_ops.loss import (
     SDPOOutput,
@@ -229,7 +229,7 @@ def sdpo_loss_from_teacher_topk(
     num_tokens = leading_shape.numel()
     logprobs, ids = _with_stand_ins(teacher_topk_logprobs, teacher_topk_ids, float_mask)
     # while compiling, the fused op checks them where their values are known (a host read here breaks the graph)
-    if validate_teacher and not (torch.compiler.is_compiling() and backend != "reference"):
+    if validate_teacher and not (compiles_as_op() and backend != "reference"):
         _check_teacher_values(logprobs, ids, vocab)
     logprobs = logprobs.to(dtype)
 
