@@ -118,6 +118,10 @@ class _Recorder(TorchDispatchMode):
         destinations = [v for k, v in kwargs.items() if k == "out" and isinstance(v, torch.Tensor)]
         positional = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
         read = {id(a): a for a in inputs if not any(a is d for d in destinations) or any(a is p for p in positional)}
+        if name in ("addmm", "addmm_") and kwargs.get("beta", 1) == 0 and not any(args[0] is a for a in args[1:3]):
+            # BLAS: "if beta = 0, C need not be set on input" (cuBLAS: "C does not have to be a valid input"):
+            # a beta = 0 GEMM writes its output without reading it (the first dW pass, the fp32 logits GEMM)
+            read.pop(id(args[0]), None)
         moved = sum(_nbytes(a) for a in read.values()) + sum(_nbytes(o) for o in outputs)
         flops = _matmul_flops(name, args) if name in _MATMULS else 0
         shapes = tuple(tuple(o.shape) for o in outputs)

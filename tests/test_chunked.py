@@ -491,7 +491,7 @@ def test_dz_staged_over_several_chunks_per_dw_pass(backend):
                              target_ids=target_ids, topk=4, backend=name, chunk_size=2)  # fmt: skip
         loss.backward()
         grads[name] = [leaf.grad for leaf in leaves]
-    assert policy.stage_rows(2, 9) == 6
+    assert policy.stage_rows(2, 9, row_bytes=weight.shape[0] * 4, held_bytes=0) == 6
     for actual, expected in zip(grads[backend], grads["reference"], strict=True):
         torch.testing.assert_close(actual, expected, **ELEMENTWISE[torch.float32])
 
