@@ -65,6 +65,15 @@ class Trace:
     def launches(self, phase: str | None = None) -> int:
         return sum(1 for step in self.steps if phase in (None, step.phase))
 
+    def dw_pass_rows(self, vocab: int, hidden: int) -> list[int]:
+        """Rows of dZ each pass over a ``[V, H]`` weight-gradient accumulator multiplies (the inner dimension of its
+        ``[V, R] x [R, H]`` GEMM), in order."""
+        return [
+            step.flops // (2 * vocab * hidden)
+            for step in self.steps
+            if step.name in ("addmm", "addmm_") and step.shapes == ((vocab, hidden),)
+        ]
+
     def peak_bytes(self) -> int:
         """Peak of the whole call beyond its inputs: forward's, or what forward left plus backward's own peak."""
         return max(self.peak_extra_bytes["forward"], self.forward_retained_bytes + self.peak_extra_bytes["backward"])

@@ -374,8 +374,9 @@ class _TopKLogprobTeacher:
         outputs = RowOutputs.allocate(num_tokens, topk, like.dtype, like.device, topk_index=self.ids)
         # t = logprob - 0; the teacher's "target logit" reads the same zeros (its log-prob there is unknown: 0)
         outputs.teacher_lse.zero_()
-        allocated = [t for t in outputs if t is not self.ids]  # the ids are the caller's
-        self.allocated_bytes = _nbytes(*allocated, self.student_topk, self.student_target)
+        # the log-probs and ids too: the entry point hands over sanitised copies of the server's (teacher_topk.py)
+        allocated = [t for t in outputs if t is not self.ids]
+        self.allocated_bytes = _nbytes(*allocated, self.student_topk, self.student_target, self.logprobs, self.ids)
         self.staged_logits = None  # no logits of its own
         return outputs
 
