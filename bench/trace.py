@@ -52,6 +52,9 @@ class Step:
     bytes: int
     shapes: tuple  # of the op's tensor outputs (aten) or its grid (triton)
     phase: str  # "forward" or "backward"
+    # of ``bytes``: those written to the outputs plus those read back from them (in place, an addmm with beta != 0);
+    # the rest are operand reads. 0 for Triton launches (their launchers report one total).
+    output_bytes: int = 0
 
 
 @dataclass
@@ -134,7 +137,9 @@ class _Recorder(TorchDispatchMode):
         moved = sum(_nbytes(a) for a in read.values()) + sum(_nbytes(o) for o in outputs)
         flops = _matmul_flops(name, args) if name in _MATMULS else 0
         shapes = tuple(tuple(o.shape) for o in outputs)
-        self.trace.steps.append(Step(name, "aten", flops, moved, shapes, self.phase))
+        read_back = sum(_nbytes(o) for o in outputs if id(o) in read)
+        output_bytes = sum(_nbytes(o) for o in outputs) + read_back
+        self.trace.steps.append(Step(name, "aten", flops, moved, shapes, self.phase, output_bytes))
         return result
 
 
