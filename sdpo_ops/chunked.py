@@ -6,7 +6,9 @@ Per chunk of C token rows (never a full ``[N, V]`` tensor):
    its epilogue where the dtypes allow, the rest and any softcap applied by every row stage on load);
    ``student_row_stats``: log-sum-exp, top-K logits and columns, target, and the entropy (same pass, for logging).
 2. ``ht_c @ Wt^T + bt`` likewise into a second buffer (no gradient); ``teacher_row_stats``: log-sum-exp
-   and the logits at the student's top-K columns and at the target column.
+   and the logits at the student's top-K columns and at the target column. In top-K mode with the gradient formed
+   in forward that buffer is the dZ staging's next unfilled rows (step 4): the logits are dead before the chunk's
+   dZ overwrites them, which one stream orders, and the staging gains their bytes (one chunk more per dW pass).
 3. ``row_loss_``: the ``[C, K+1]`` math (tail bins, GJSD, its gradient coefficients, IS weight, row scale,
    weighted loss) in one launch. Full-vocabulary mode runs ``full_vocab_divergence`` over both buffers first.
 4. Gradient. When the only differentiable output is a scalar (every reduction but ``"none"``) the gradient
