@@ -171,14 +171,12 @@ class _StagedGradients:
         self.passes = dw_pass_chunks(-(-hidden.shape[0] // chunk), self.capacity // chunk)
         self.staged_chunks = 0
 
-    def logits_scratch(self, count: int, dtype: torch.dtype) -> Tensor | None:
+    def logits_scratch(self, count: int, dtype: torch.dtype) -> Tensor:
         """A ``[count, V]`` buffer of ``dtype`` (the padded row stride) over the rows the next ``slot`` hands out,
-        flushing first when the pass is full; None without scratch rows. Only for logits that are read
-        before the chunk's dZ is written (the teacher's in top-K mode: ``teacher_row_stats`` reads them,
+        flushing first when the pass is full (constructed with ``scratch_dtype=dtype``). Only for logits that are
+        read before the chunk's dZ is written (the teacher's in top-K mode: ``teacher_row_stats`` reads them,
         ``logit_grad`` does not), which one stream orders; the next flush's GEMMs, too, run before the next
         chunk's logits overwrite them."""
-        if self.scratch_rows == 0:
-            return None
         self._make_room()
         start = self.filled
         rows = self.storage[start : start + count * self.scratch_rows]
@@ -314,11 +312,12 @@ class _HiddenTeacher:
 
     def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor, staging: bool) -> RowOutputs:
         """The call's ``RowOutputs`` and this teacher's per-chunk scratch (``like``: the student's logits buffer).
-        ``staging``: the dZ staging can hold logits (``attach``); in top-K mode they live there, not in a buffer of
-        their own (dead once ``teacher_row_stats`` has read them, before ``logit_grad`` writes the chunk's dZ;
-        full-vocabulary mode's ``logit_grad`` reads them)."""
+        ``staging``: the dZ staging can hold logits (``self.staged``, set once it exists); in top-K mode they live
+        there, not in a buffer of their own (dead once ``teacher_row_stats`` has read them, before ``logit_grad``
+        writes the chunk's dZ; full-vocabulary mode's ``logit_grad`` reads them)."""
         # the dtype of the logits in the staging (``_StagedGradients.logits_scratch``); None: in ``self.buffer``
         self.staged_logits = like.dtype if staging and topk > 0 else None
+        self.staged: _StagedGradients | None = None
         self.buffer = None if self.staged_logits is not None else _same_layout(like)
         # per-chunk scratch of the statistics the row loss consumes (the [N]-sized results go to the outputs)
         self.student_topk, self.teacher_topk = (like.new_empty(buffer_rows, topk) for _ in range(2))

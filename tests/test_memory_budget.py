@@ -1,4 +1,5 @@
-"""Peak bytes a call allocates beyond its inputs, at the SPEC's target shape, without a GPU (issue 9, item 3).
+"""Peak bytes a call allocates beyond its inputs at the SPEC's target shape (and twice its tokens, and V=262144), and
+the dW passes those bytes buy, without a GPU (issue 9, item 3; issue 17, items 6 and 8).
 
 On ``meta`` tensors (``bench.trace``) every allocation of the real host code happens at full size and costs
 nothing. Budget (KERNELS.md, "Memory accounting"): the chunk buffers, the dZ staging buffer and the per-row
