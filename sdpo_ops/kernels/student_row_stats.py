@@ -54,6 +54,10 @@ _CUDA_CONFIG = (2048, 16, 8)
 _INTERPRET_CONFIG = (64, 8, 1)
 # Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
 _MAX_BLOCKS = 4096
+# Pass 2's survivors: merged BATCH = this many times K_PAD at a time, at most _SURVIVOR_BATCHES batches (the
+# scratch row); more survivors take the network over every candidate key.
+_SURVIVOR_BATCH_PER_K_PAD = 2
+_SURVIVOR_BATCHES = 4
 
 
 @triton.jit
@@ -99,6 +103,30 @@ def _pack(z, cols, N):
 
 
 @triton.jit
+def _merged_top(running, keys, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr):
+    """The top ``2**LOG_K_PAD`` of ``running`` (descending) and ``keys [2**LOG_N]``, descending."""
+    top = _tile_topk(keys, LOG_N, LOG_K_PAD, 0)
+    # bitonic half-cleaner: running (descending) vs top (ascending) keeps the top K_PAD of both, bitonic
+    merged = tl.reshape(tl.maximum(running, top), [2] * LOG_K_PAD)
+    return tl.reshape(_bitonic_merge(merged, LOG_K_PAD, LOG_K_PAD, 1), [2**LOG_K_PAD])
+
+
+@triton.jit
+def _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale, softcap_bound,
+                    HAS_SOFTCAP: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+                    NUM_GROUPS: tl.constexpr):  # fmt: skip
+    """The packed keys of candidate group ``g`` (``GROUP`` gathered sub-blocks, ``[GROUP * SUB]``); lanes of no
+    candidate (past ``num_candidates``) or past V hold ``_PACKED_MIN``."""
+    blocks = tl.sum(tl.where(tl.arange(0, NUM_GROUPS)[:, None] == g, candidate_blocks, 0), axis=0)
+    is_candidate = g * GROUP + tl.arange(0, GROUP) < num_candidates
+    cols = blocks[:, None] * SUB + tl.arange(0, SUB)[None, :]
+    in_row = is_candidate[:, None] & (cols < V)
+    z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+    z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
+    return tl.reshape(tl.where(in_row, _pack(z, cols, V), _PACKED_MIN), [GROUP * SUB])
+
+
+@triton.jit
 def _student_row_stats_kernel(
     logits_ptr,
     target_ids_ptr,
@@ -108,6 +136,7 @@ def _student_row_stats_kernel(
     target_logit_ptr,
     entropy_ptr,
     block_max_ptr,
+    survivors_ptr,
     V,
     K,
     num_candidates,
@@ -129,6 +158,9 @@ def _student_row_stats_kernel(
     LOG_GATHER: tl.constexpr,
     K_PAD: tl.constexpr,
     LOG_K_PAD: tl.constexpr,
+    BATCH: tl.constexpr,
+    LOG_BATCH: tl.constexpr,
+    CAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
@@ -178,24 +210,40 @@ def _student_row_stats_kernel(
         block_keys = _pack(block_max, offs_blocks, NB_PAD)
         candidates = _tile_topk(block_keys, LOG_NB_PAD, LOG_K_PAD, 1)
         candidate_blocks = tl.reshape((NB_PAD - 1) - (candidates & 0xFFFFFFFF), [K_PAD // GROUP, GROUP])
-        group_ids = tl.arange(0, K_PAD // GROUP)[:, None]
-        offs_group = tl.arange(0, GROUP)
-        offs_sub = tl.arange(0, SUB)
+        NUM_GROUPS: tl.constexpr = K_PAD // GROUP
+        num_groups = (num_candidates + GROUP - 1) // GROUP
+        survivors_row = survivors_ptr + pid_n * CAP
 
-        # pass 2: the first num_candidates = min(K, number of blocks) candidates, GROUP blocks at a time
+        # pass 2a: the survivors, candidate keys at or above the K-th largest block maximum (any column), compacted
+        # in group order into the row's scratch. Each of the K candidates holds a value at least that large, so a
+        # smaller value has K keys above it; with fewer blocks than K every key survives. ~K survive typically.
+        kth_max = tl.sum(tl.where(tl.arange(0, K_PAD) == num_candidates - 1, candidates, 0), axis=0)
+        threshold = tl.where(num_candidates < K, _PACKED_MIN + 1, (kth_max >> 32) << 32)
+        count = 0
+        for g in range(0, num_groups):
+            packed = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale,
+                                     softcap_bound, HAS_SOFTCAP, SUB, GROUP, NUM_GROUPS)  # fmt: skip
+            keep = packed >= threshold
+            keep_count = keep.to(tl.int32)
+            position = count + tl.cumsum(keep_count, axis=0) - keep_count
+            tl.store(survivors_row + position, packed, mask=keep & (position < CAP))
+            count += tl.sum(keep_count, axis=0)
+        tl.debug_barrier()  # the survivors were written by other threads of this program
+
         running = tl.full([K_PAD], _PACKED_MIN, tl.int64)
-        for g in range(0, (num_candidates + GROUP - 1) // GROUP):
-            blocks = tl.sum(tl.where(group_ids == g, candidate_blocks, 0), axis=0)
-            is_candidate = g * GROUP + offs_group < num_candidates
-            cols = blocks[:, None] * SUB + offs_sub[None, :]
-            in_row = is_candidate[:, None] & (cols < V)
-            z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
-            z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
-            packed = tl.reshape(tl.where(in_row, _pack(z, cols, V), _PACKED_MIN), [GROUP * SUB])
-            tile_top = _tile_topk(packed, LOG_GATHER, LOG_K_PAD, 0)
-            # bitonic half-cleaner: running (descending) vs tile (ascending) keeps the top K_PAD of both
-            merged = tl.reshape(tl.maximum(running, tile_top), [2] * LOG_K_PAD)
-            running = tl.reshape(_bitonic_merge(merged, LOG_K_PAD, LOG_K_PAD, 1), [K_PAD])
+        if count <= CAP:
+            # pass 2b: the survivors, BATCH at a time (one batch typically), each merged into the running top-K_PAD
+            offs_batch = tl.arange(0, BATCH)
+            for start in range(0, count, BATCH):
+                batch = tl.load(survivors_row + start + offs_batch, mask=start + offs_batch < count, other=_PACKED_MIN)
+                running = _merged_top(running, batch, LOG_BATCH, LOG_K_PAD)
+        else:
+            # more than CAP survivors (ties at the threshold, fewer finite values than K): the network over every
+            # candidate key, GROUP blocks at a time
+            for g in range(0, num_groups):
+                packed = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale,
+                                         softcap_bound, HAS_SOFTCAP, SUB, GROUP, NUM_GROUPS)  # fmt: skip
+                running = _merged_top(running, packed, LOG_GATHER, LOG_K_PAD)
 
         offs_k = tl.arange(0, K_PAD)
         index = (V - 1) - (running & 0xFFFFFFFF)
@@ -281,8 +329,12 @@ def student_row_stats(
     lse, topk_logits, topk_index, target_logit = out
     if C == 0:
         return out
-    # per-row sub-block maxima of pass 1 (a few KB per row; pass 2 reads them back)
-    block_max_scratch = torch.empty(C if topk > 0 else 1, nb_pad, dtype=torch.float32, device=logits.device)
+    # per-row sub-block maxima of pass 1 and survivors of pass 2 (a few KB per row each)
+    scratch_rows = C if topk > 0 else 1
+    block_max_scratch = torch.empty(scratch_rows, nb_pad, dtype=torch.float32, device=logits.device)
+    batch = _SURVIVOR_BATCH_PER_K_PAD * k_pad
+    cap = _SURVIVOR_BATCHES * batch
+    survivors_scratch = torch.empty(scratch_rows, cap, dtype=torch.int64, device=logits.device)
 
     launch(
         _student_row_stats_kernel,
@@ -296,6 +348,7 @@ def student_row_stats(
         target_logit_ptr=target_logit,
         entropy_ptr=entropy if entropy is not None else lse,
         block_max_ptr=block_max_scratch,
+        survivors_ptr=survivors_scratch,
         V=V,
         K=topk,
         num_candidates=min(topk, num_blocks),
@@ -317,6 +370,9 @@ def student_row_stats(
         LOG_GATHER=(group * sub).bit_length() - 1,
         K_PAD=k_pad,
         LOG_K_PAD=k_pad.bit_length() - 1,
+        BATCH=batch,
+        LOG_BATCH=batch.bit_length() - 1,
+        CAP=cap,
         num_warps=num_warps,
     )
     return out
