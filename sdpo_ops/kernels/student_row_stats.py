@@ -54,10 +54,8 @@ _CUDA_CONFIG = (2048, 16, 8)
 _INTERPRET_CONFIG = (64, 8, 1)
 # Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
 _MAX_BLOCKS = 4096
-# Pass 2's survivors: merged BATCH = this many times K_PAD at a time, at most _SURVIVOR_BATCHES batches (the
-# scratch row); more survivors take the network over every candidate key.
+# Pass 2 merges its survivors BATCH = this many times K_PAD at a time.
 _SURVIVOR_BATCH_PER_K_PAD = 2
-_SURVIVOR_BATCHES = 4
 
 
 @triton.jit
@@ -115,15 +113,16 @@ def _merged_top(running, keys, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr):
 def _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale, softcap_bound,
                     HAS_SOFTCAP: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                     NUM_GROUPS: tl.constexpr):  # fmt: skip
-    """The packed keys of candidate group ``g`` (``GROUP`` gathered sub-blocks, ``[GROUP * SUB]``); lanes of no
-    candidate (past ``num_candidates``) or past V hold ``_PACKED_MIN``."""
+    """The packed keys and the columns of candidate group ``g`` (``GROUP`` gathered sub-blocks, ``[GROUP * SUB]``
+    each); keys of no candidate (past ``num_candidates``) or past V are ``_PACKED_MIN``."""
     blocks = tl.sum(tl.where(tl.arange(0, NUM_GROUPS)[:, None] == g, candidate_blocks, 0), axis=0)
     is_candidate = g * GROUP + tl.arange(0, GROUP) < num_candidates
     cols = blocks[:, None] * SUB + tl.arange(0, SUB)[None, :]
     in_row = is_candidate[:, None] & (cols < V)
     z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
     z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
-    return tl.reshape(tl.where(in_row, _pack(z, cols, V), _PACKED_MIN), [GROUP * SUB])
+    packed = tl.where(in_row, _pack(z, cols, V), _PACKED_MIN)
+    return tl.reshape(packed, [GROUP * SUB]), tl.reshape(cols, [GROUP * SUB])
 
 
 @triton.jit
@@ -209,43 +208,45 @@ def _student_row_stats_kernel(
         block_max = tl.load(block_max_ptr + pid_n * NB_PAD + offs_blocks, mask=written, other=-float("inf"))
         block_keys = _pack(block_max, offs_blocks, NB_PAD)
         candidates = _tile_topk(block_keys, LOG_NB_PAD, LOG_K_PAD, 1)
-        candidate_blocks = tl.reshape((NB_PAD - 1) - (candidates & 0xFFFFFFFF), [K_PAD // GROUP, GROUP])
+        candidate_blocks = tl.reshape(((NB_PAD - 1) - (candidates & 0xFFFFFFFF)).to(tl.int32), [K_PAD // GROUP, GROUP])
         NUM_GROUPS: tl.constexpr = K_PAD // GROUP
         num_groups = (num_candidates + GROUP - 1) // GROUP
         survivors_row = survivors_ptr + pid_n * CAP
 
-        # pass 2a: the survivors, candidate keys at or above the K-th largest block maximum (any column), compacted
-        # in group order into the row's scratch. Each of the K candidates holds a value at least that large, so a
-        # smaller value has K keys above it; with fewer blocks than K every key survives. ~K survive typically.
-        kth_max = tl.sum(tl.where(tl.arange(0, K_PAD) == num_candidates - 1, candidates, 0), axis=0)
-        threshold = tl.where(num_candidates < K, _PACKED_MIN + 1, (kth_max >> 32) << 32)
-        count = 0
-        for g in range(0, num_groups):
-            packed = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale,
-                                     softcap_bound, HAS_SOFTCAP, SUB, GROUP, NUM_GROUPS)  # fmt: skip
-            keep = packed >= threshold
-            keep_count = keep.to(tl.int32)
-            position = count + tl.cumsum(keep_count, axis=0) - keep_count
-            tl.store(survivors_row + position, packed, mask=keep & (position < CAP))
-            count += tl.sum(keep_count, axis=0)
-        tl.debug_barrier()  # the survivors were written by other threads of this program
-
-        running = tl.full([K_PAD], _PACKED_MIN, tl.int64)
-        if count <= CAP:
-            # pass 2b: the survivors, BATCH at a time (one batch typically), each merged into the running top-K_PAD
-            offs_batch = tl.arange(0, BATCH)
-            for start in range(0, count, BATCH):
-                batch = tl.load(survivors_row + start + offs_batch, mask=start + offs_batch < count, other=_PACKED_MIN)
-                running = _merged_top(running, batch, LOG_BATCH, LOG_K_PAD)
-        else:
-            # more than CAP survivors (ties at the threshold, fewer finite values than K): the network over every
-            # candidate key, GROUP blocks at a time
-            for g in range(0, num_groups):
-                packed = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale,
-                                         softcap_bound, HAS_SOFTCAP, SUB, GROUP, NUM_GROUPS)  # fmt: skip
-                running = _merged_top(running, packed, LOG_GATHER, LOG_K_PAD)
-
+        # pass 2: the survivors, candidate keys at or above a threshold, compacted in group order into the row's
+        # scratch and merged into the running top-K_PAD BATCH at a time once a batch is full, and after the last group.
+        # The threshold starts at the K-th largest block maximum (any column): each of the K candidates holds a value
+        # at least that large, so a smaller value has K keys above it (with fewer blocks than K every key survives).
+        # After each merge it rises to the K-th running key. ~K survive typically: one merge per row; with ties at the
+        # threshold (equal logits) the first merges fill the top-K and the rest of the candidates fall below it.
         offs_k = tl.arange(0, K_PAD)
+        offs_batch = tl.arange(0, BATCH)
+        kth_max = tl.sum(tl.where(offs_k == num_candidates - 1, candidates, 0), axis=0)
+        threshold = tl.where(num_candidates < K, _PACKED_MIN + 1, (kth_max >> 32) << 32)
+        running = tl.full([K_PAD], _PACKED_MIN, tl.int64)
+        count = 0
+        for g in range(0, num_groups + 1):
+            if g < num_groups:
+                packed, group_cols = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale,
+                                         softcap_bound, HAS_SOFTCAP, SUB, GROUP, NUM_GROUPS)  # fmt: skip
+                keep = packed >= threshold
+                keep_count = keep.to(tl.int32)
+                position = count + tl.cumsum(keep_count, axis=0) - keep_count
+                tl.store(survivors_row + position, group_cols, mask=keep)
+                count += tl.sum(keep_count, axis=0)
+            if (count >= BATCH) | (g == num_groups):
+                tl.debug_barrier()  # the survivors were written by other threads of this program
+                for start in range(0, count, BATCH):
+                    in_batch = start + offs_batch < count
+                    batch_cols = tl.load(survivors_row + start + offs_batch, mask=in_batch, other=0)
+                    z = tl.load(row_ptr + batch_cols * stride_logits_v, mask=in_batch, other=-float("inf"))
+                    z = _on_load(z.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP)
+                    batch = tl.where(in_batch, _pack(z, batch_cols, V), _PACKED_MIN)
+                    running = _merged_top(running, batch, LOG_BATCH, LOG_K_PAD)
+                count = 0
+                threshold = tl.maximum(threshold, tl.sum(tl.where(offs_k == K - 1, running, 0), axis=0))
+                tl.debug_barrier()  # read before the next group's survivors overwrite them
+
         index = (V - 1) - (running & 0xFFFFFFFF)
         key = (running >> 32).to(tl.int32)
         value = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
@@ -333,8 +334,9 @@ def student_row_stats(
     scratch_rows = C if topk > 0 else 1
     block_max_scratch = torch.empty(scratch_rows, nb_pad, dtype=torch.float32, device=logits.device)
     batch = _SURVIVOR_BATCH_PER_K_PAD * k_pad
-    cap = _SURVIVOR_BATCHES * batch
-    survivors_scratch = torch.empty(scratch_rows, cap, dtype=torch.int64, device=logits.device)
+    # fewer than a batch left over, and at most every key of a group
+    cap = batch + group * sub
+    survivors_scratch = torch.empty(scratch_rows, cap, dtype=torch.int32, device=logits.device)
 
     launch(
         _student_row_stats_kernel,
