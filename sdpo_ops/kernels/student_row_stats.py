@@ -59,36 +59,41 @@ _SURVIVOR_BATCH_PER_K_PAD = 2
 
 
 @triton.jit
-def _bitonic_merge(h, LOG_N: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
+def _bitonic_merge(h, zero, LOG_N: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
     """Sort each bitonic run of ``2**STAGE`` elements of the ``[2] * LOG_N`` hypercube ``h``.
 
     ORDER 0: ascending, 1: descending, 2: alternating (run r ascending iff bit STAGE of its index is 0).
+    ``zero``: zeros shaped like ``h``, added to the position masks; where they are loaded in a loop (opaque to the
+    compiler), the masks are computed where used instead of hoisted out of the loop and kept live (registers).
     Compare-and-swaps are inlined (no nested jit calls): the interpreter pays per call.
     """
     # 0/1 per element: whether its run sorts descending (a constexpr for ORDER 0 and 1)
-    flip = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - STAGE - 1) + [2] + [1] * STAGE) if ORDER == 2 else ORDER
+    flip = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - STAGE - 1) + [2] + [1] * STAGE) + zero if ORDER == 2 else ORDER
     # bits STAGE - 1, ..., 0, written as the axis they index (the last axis is bit 0)
     for axis in tl.static_range(LOG_N - STAGE, LOG_N):
         # the partner differs in this bit: (a + b) - self over the size-2 axis (int64 wrap-around cancels)
         partner = tl.sum(h, axis=axis, keep_dims=True) - h
-        is_right = tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (LOG_N - 1 - axis))
+        is_right = tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (LOG_N - 1 - axis)) + zero
         # the left element keeps the min where flip is 0, the max where flip is 1
         h = tl.where((h > partner) != (flip ^ is_right), partner, h)
     return h
 
 
 @triton.jit
-def _tile_topk(packed, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr, ORDER: tl.constexpr):
-    """Top ``2**LOG_K_PAD`` of ``packed [2**LOG_N]`` (a bitonic top-k network), ascending (ORDER 0) or not (1)."""
+def _tile_topk(packed, zero, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr, ORDER: tl.constexpr):
+    """Top ``2**LOG_K_PAD`` of ``packed [2**LOG_N]`` (a bitonic top-k network), ascending (ORDER 0) or not (1), and
+    ``zero`` (int32 zeros shaped like ``packed``, see ``_bitonic_merge``) reduced to its shape."""
     h = tl.reshape(packed, [2] * LOG_N)
+    zero = tl.reshape(zero, [2] * LOG_N)
     # sort runs of K_PAD, alternately ascending / descending
     for stage in tl.static_range(1, LOG_K_PAD + 1):
-        h = _bitonic_merge(h, LOG_N, stage, 2 if stage < LOG_N else ORDER)
+        h = _bitonic_merge(h, zero, LOG_N, stage, 2 if stage < LOG_N else ORDER)
     # halve: the max of an ascending run and the next (descending) one is the top half of both, bitonic
     for i in tl.static_range(LOG_K_PAD + 1, LOG_N + 1):
         h = tl.max(h, axis=LOG_N - i)
-        h = _bitonic_merge(h, LOG_N - i + LOG_K_PAD, LOG_K_PAD, 2 if i < LOG_N else ORDER)
-    return tl.reshape(h, [2**LOG_K_PAD])
+        zero = tl.max(zero, axis=LOG_N - i)
+        h = _bitonic_merge(h, zero, LOG_N - i + LOG_K_PAD, LOG_K_PAD, 2 if i < LOG_N else ORDER)
+    return tl.reshape(h, [2**LOG_K_PAD]), tl.reshape(zero, [2**LOG_K_PAD])
 
 
 @triton.jit
@@ -101,12 +106,14 @@ def _pack(z, cols, N):
 
 
 @triton.jit
-def _merged_top(running, keys, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr):
-    """The top ``2**LOG_K_PAD`` of ``running`` (descending) and ``keys [2**LOG_N]``, descending."""
-    top = _tile_topk(keys, LOG_N, LOG_K_PAD, 0)
+def _merged_top(running, keys, zero, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr):
+    """The top ``2**LOG_K_PAD`` of ``running`` (descending) and ``keys [2**LOG_N]``, descending (``zero``: see
+    ``_bitonic_merge``)."""
+    top, zero = _tile_topk(keys, zero, LOG_N, LOG_K_PAD, 0)
     # bitonic half-cleaner: running (descending) vs top (ascending) keeps the top K_PAD of both, bitonic
     merged = tl.reshape(tl.maximum(running, top), [2] * LOG_K_PAD)
-    return tl.reshape(_bitonic_merge(merged, LOG_K_PAD, LOG_K_PAD, 1), [2**LOG_K_PAD])
+    zero = tl.reshape(zero, [2] * LOG_K_PAD)
+    return tl.reshape(_bitonic_merge(merged, zero, LOG_K_PAD, LOG_K_PAD, 1), [2**LOG_K_PAD])
 
 
 @triton.jit
@@ -207,7 +214,7 @@ def _student_row_stats_kernel(
         written = offs_blocks < tl.cdiv(V, BLOCK_V) * TILE_BLOCKS
         block_max = tl.load(block_max_ptr + pid_n * NB_PAD + offs_blocks, mask=written, other=-float("inf"))
         block_keys = _pack(block_max, offs_blocks, NB_PAD)
-        candidates = _tile_topk(block_keys, LOG_NB_PAD, LOG_K_PAD, 1)
+        candidates, _ = _tile_topk(block_keys, tl.zeros([NB_PAD], tl.int32), LOG_NB_PAD, LOG_K_PAD, 1)
         candidate_blocks = tl.reshape(((NB_PAD - 1) - (candidates & 0xFFFFFFFF)).to(tl.int32), [K_PAD // GROUP, GROUP])
         NUM_GROUPS: tl.constexpr = K_PAD // GROUP
         num_groups = (num_candidates + GROUP - 1) // GROUP
@@ -242,7 +249,8 @@ def _student_row_stats_kernel(
                     z = tl.load(row_ptr + batch_cols * stride_logits_v, mask=in_batch, other=-float("inf"))
                     z = _on_load(z.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP)
                     batch = tl.where(in_batch, _pack(z, batch_cols, V), _PACKED_MIN)
-                    running = _merged_top(running, batch, LOG_BATCH, LOG_K_PAD)
+                    # batch_cols >> 31: zeros the compiler cannot see through (columns are < 2**31)
+                    running = _merged_top(running, batch, batch_cols >> 31, LOG_BATCH, LOG_K_PAD)
                 count = 0
                 threshold = tl.maximum(threshold, tl.sum(tl.where(offs_k == K - 1, running, 0), axis=0))
                 tl.debug_barrier()  # read before the next group's survivors overwrite them
