@@ -234,8 +234,9 @@ def _student_row_stats_kernel(
         count = 0
         for g in range(0, num_groups + 1):
             if g < num_groups:
-                packed, group_cols = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale,
-                                         softcap_bound, HAS_SOFTCAP, SUB, GROUP, NUM_GROUPS)  # fmt: skip
+                packed, group_cols = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V,
+                                                     pre_scale, softcap_bound, HAS_SOFTCAP, SUB, GROUP,
+                                                     NUM_GROUPS)  # fmt: skip
                 keep = packed >= threshold
                 keep_count = keep.to(tl.int32)
                 position = count + tl.cumsum(keep_count, axis=0) - keep_count
