@@ -210,6 +210,72 @@ def test_student_topk_ties_k_equals_v_and_inf(path):
     _assert_close(entropy, _fp64_entropy(logits))
 
 
+def _survivor_merges(row: torch.Tensor, K: int, sub: int, group: int, batch: int) -> list[int]:
+    """Batches per merge of pass 2's survivors, simulated from the kernel's docstring: which path a row takes.
+
+    Keys order by (value, lower column); the threshold starts at the K-th largest sub-block maximum (any column)
+    and rises to the K-th largest survivor after each merge; a merge runs once ``batch`` survivors wait, and at the
+    end."""
+    values = row.tolist()
+    maxima = [max(values[start : start + sub]) for start in range(0, len(values), sub)]
+    candidates = sorted(range(len(maxima)), key=lambda b: (-maxima[b], b))[:K]
+    threshold = (maxima[candidates[-1]], -math.inf) if len(maxima) >= K else None
+    merges, waiting, merged = [], 0, []
+    for first in range(0, len(candidates), group):
+        for block in candidates[first : first + group]:
+            for col in range(block * sub, min((block + 1) * sub, len(values))):
+                if threshold is None or (values[col], -col) >= threshold:
+                    waiting += 1
+                    merged.append((values[col], -col))
+        if waiting >= batch:
+            merges.append(-(-waiting // batch))
+            waiting = 0
+            if len(merged) >= K:
+                threshold = sorted(merged, reverse=True)[K - 1]
+    return [*merges, -(-waiting // batch)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "case, merges",
+    [
+        ("all equal", [1, 0]),  # the first group fills a batch; the raised threshold drops every later key
+        ("equal maxima, two batches", [2, 0]),  # 63 survivors wait, the next group brings 64 more
+        ("a later group beats the raised threshold", [1, 1]),  # column 0 ties the K-th value, in the second group
+        ("ties and -inf", None),
+    ],
+)
+def test_student_topk_survivor_merges(case, merges):
+    # block_v=64 on the interpreter: SUB=8, 8 blocks per group; K=20: K_PAD=32, batches of 64 keys
+    V, K, sub, group, batch = 192, 20, 8, 8, 64
+    gen = torch.Generator().manual_seed(3)
+    row = torch.zeros(V)
+    if case == "equal maxima, two batches":
+        row += 1.0
+        row[5] = 0.0  # the first group holds 63 keys at the threshold value
+    elif case == "a later group beats the raised threshold":
+        # blocks 1-8 (the first group): 10 and seven 5s; blocks 0 and 9-19: 5 at their first column (block 0 ranks
+        # ninth: a smaller maximum, the lowest id); the rest 0. The first merge keeps the 5s up to column 21, so
+        # the 5 at column 0 must still pass the threshold it raised.
+        row[sub : 9 * sub] = 5.0
+        row[sub : 9 * sub : sub] = 10.0
+        row[0 : 20 * sub : sub][[0, *range(9, 20)]] = 5.0
+    elif case == "ties and -inf":
+        row = torch.randint(0, 3, (V,), generator=gen).float()
+        row[torch.rand(V, generator=gen) < 0.5] = -math.inf
+    if merges is not None:
+        assert _survivor_merges(row, K, sub, group, batch) == merges
+    logits = torch.stack([row, row.flip(0)])
+    entropy = torch.empty(2)
+    lse, topk_logits, topk_index, _ = triton_ops.student_row_stats(logits, K, None, entropy=entropy, block_v=64)
+    for r in range(2):
+        order = sorted(range(V), key=lambda j: (-logits[r, j].item(), j))[:K]
+        assert topk_index[r].tolist() == order
+    torch.testing.assert_close(topk_logits, logits.gather(1, topk_index), rtol=0, atol=0)
+    _assert_close(lse, torch.logsumexp(logits.double(), -1).float())
+    _assert_close(entropy, _fp64_entropy(logits))
+
+
 def test_student_row_stats_rejects_bad_arguments():
     logits = torch.zeros(2, 10)
     with pytest.raises(ValueError, match="topk"):
