@@ -16,22 +16,28 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
              >= max(K, 2)) of their packed keys: the candidates. Every top-K key lies in a candidate: an
              element e of any other block B is beaten by the max element of each of the K candidates
              (a larger value, or the same value in a lower block, hence a lower column).
-    pass 2   over the K candidate blocks only, GROUP at a time (a gathered [GROUP, SUB] tile): the top
-             K_PAD keys of the tile by a bitonic top-k network, merged into the running top-K_PAD (kept
-             descending) by one bitonic half-cleaner ``max(running, tile_ascending)`` and a
-             log2(K_PAD)-stage bitonic merge.
+    pass 2   over the K candidate blocks only, GROUP at a time (a gathered [GROUP, SUB] tile): the survivors, keys
+             at or above a threshold, have their columns compacted (cumsum positions) into a per-row scratch; once
+             BATCH = 2 K_PAD wait, and after the last group, they are merged into the running top-K_PAD (kept
+             descending) BATCH at a time: the batch's top K_PAD by a bitonic top-k network (ascending), one bitonic
+             half-cleaner ``max(running, batch_top)`` and a log2(K_PAD)-stage bitonic merge. The threshold starts
+             at the K-th largest block maximum (value only, any column; each candidate holds a value at least that
+             large, so a smaller one has K keys above it; with fewer blocks than K nothing is cut) and rises to the
+             K-th running key after each merge. ~K of the K * SUB keys survive typically: one merge per row; ties
+             at the threshold merge more (all-equal logits: the first group, then nothing passes).
     target   one load of ``z[target]``.
 
-The bitonic work touches K * SUB + NB_PAD keys per row instead of V (at V=151936, K=100, SUB=128:
-~15K instead of 152K). Written: ``lse [C]``; the first K of the running set unpacked to
-``topk_logits [C, K]`` (exact: the key is a bijection of the fp32 bits) and ``topk_index [C, K]``
-(int64), sorted by value descending; ``target_logit [C]``; ``entropy [C]`` when asked.
+The bitonic work touches ~K + NB_PAD keys per row instead of V (plus one threshold compare per candidate key:
+K * SUB). Written: ``lse [C]``; the first K of the running set unpacked to ``topk_logits [C, K]`` (exact: the key
+is a bijection of the fp32 bits) and ``topk_index [C, K]`` (int64), sorted by value descending; ``target_logit [C]``;
+``entropy [C]`` when asked.
 
 Tried first: one pass with the network on every BLOCK_V tile (no sub-block selection). Compiled for
 sm_90 with ptxas (no GPU here; estimates, not measurements) at BLOCK_V=2048, K_PAD=128, 8 warps, its
 tile loop is ~3,700 SASS instructions per thread, ~280K per row at V=151936: ~1.2 ms per 512-row chunk
-if issue-bound (~19 ms at N=8192). This two-pass form: ~300 per pass-1 tile, ~3,400 per pass-2 group
-(7 groups at K=100), ~50K per row: ~0.22 ms per 512-row chunk (the fp32 read alone is ~0.09 ms).
+if issue-bound (~19 ms at N=8192). Then the network over every candidate key (~3,360 per group, 7 groups):
+~47K per row. This form: ~267 per pass-1 tile, ~515 per pass-2 group, ~517 per merge: ~29K per row, 108
+registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_after.md``).
 The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
 differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
 """
@@ -220,12 +226,8 @@ def _student_row_stats_kernel(
         num_groups = (num_candidates + GROUP - 1) // GROUP
         survivors_row = survivors_ptr + pid_n * CAP
 
-        # pass 2: the survivors, candidate keys at or above a threshold, compacted in group order into the row's
-        # scratch and merged into the running top-K_PAD BATCH at a time once a batch is full, and after the last group.
-        # The threshold starts at the K-th largest block maximum (any column): each of the K candidates holds a value
-        # at least that large, so a smaller value has K keys above it (with fewer blocks than K every key survives).
-        # After each merge it rises to the K-th running key. ~K survive typically: one merge per row; with ties at the
-        # threshold (equal logits) the first merges fill the top-K and the rest of the candidates fall below it.
+        # pass 2 (see the module docstring): the columns of the keys at or above the threshold are compacted into the
+        # row's scratch (CAP = BATCH + a group's keys: fewer than BATCH wait between merges) and merged BATCH at a time
         offs_k = tl.arange(0, K_PAD)
         offs_batch = tl.arange(0, BATCH)
         kth_max = tl.sum(tl.where(offs_k == num_candidates - 1, candidates, 0), axis=0)
