@@ -622,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "triton": triton.__version__,
             "modes": [mode.name for mode in modes],
+            "vocab": {mode.name: mode.vocab or SHAPE["V"] for mode in modes},
             "results": [result.to_json() for result in results],
         }
         print(json.dumps(report))

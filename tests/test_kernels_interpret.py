@@ -18,6 +18,7 @@ from tolerances import ELEMENTWISE
 
 from sdpo_ops import row_ops as torch_ops
 from sdpo_ops.kernels import row_ops as triton_ops
+from sdpo_ops.kernels.launch import readable_width
 from sdpo_ops.reference import entropy_of, generalized_jsd
 from sdpo_ops.row_outputs import RowOutputs
 
@@ -726,3 +727,51 @@ def test_row_kernels_on_cuda_at_a_real_shape():
             expected = torch_ops.logit_grad(*args, teacher_args, out=torch.empty(C, V, device="cuda"))
             torch.testing.assert_close(out, again, rtol=0, atol=0)  # deterministic, bit for bit
             _assert_close(out, expected.to(dtype), **({} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}))
+
+
+@pytest.mark.interpret
+def test_row_kernels_read_a_padded_row_stride_and_ignore_the_padding():
+    # the CUDA policy pads the [C, V] row stride to 16 elements (V=37: 48) and the kernels load up to it (128-bit
+    # accesses at an odd V): whatever the padding holds (NaN, inf) the results equal those of unpadded rows, and
+    # logit_grad writes zeros into out's padding
+    C, V, K, width = 5, 37, 4, 48
+    gen = torch.Generator().manual_seed(17)
+
+    def padded(values: torch.Tensor, fill: float) -> torch.Tensor:
+        buffer = torch.full((C, width), fill)
+        buffer[:, :V] = values
+        return buffer[:, :V]
+
+    student, teacher = _hard_logits(C, V, seed=17), torch.randn(C, V, generator=gen)
+    student_padded, teacher_padded = padded(student, math.nan), padded(teacher, math.inf)
+    assert readable_width(student_padded) == width and readable_width(student) == V
+    assert readable_width(torch.empty_strided((C, V), (width, 1))) == V  # the last row has no padding
+    targets = torch.randint(0, V, (C,), generator=gen)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+
+    entropy, entropy_padded = torch.empty(C), torch.empty(C)
+    stats = triton_ops.student_row_stats(student, K, targets, entropy=entropy, block_v=BLOCK_V)
+    stats_padded = triton_ops.student_row_stats(student_padded, K, targets, entropy=entropy_padded, block_v=BLOCK_V)
+    torch.testing.assert_close(stats_padded, stats, **exact)
+    torch.testing.assert_close(entropy_padded, entropy, **exact)
+    index = stats[2]
+    torch.testing.assert_close(
+        triton_ops.teacher_row_stats(teacher_padded, index, targets, block_v=BLOCK_V),
+        triton_ops.teacher_row_stats(teacher, index, targets, block_v=BLOCK_V),
+        **exact,
+    )
+    lse, teacher_lse = stats[0], torch.logsumexp(teacher, -1)
+    torch.testing.assert_close(
+        triton_ops.full_vocab_divergence(student_padded, teacher_padded, lse, teacher_lse, 0.5, block_v=BLOCK_V),
+        triton_ops.full_vocab_divergence(student, teacher, lse, teacher_lse, 0.5, block_v=BLOCK_V),
+        **exact,
+    )
+    ones = torch.ones(C)
+    args = (ones, torch.rand(C, generator=gen), torch.zeros(C, 0, dtype=torch.int64), torch.zeros(C, 0), None, None)
+    out_padded = padded(torch.full((C, V), 7.0), 7.0)
+    triton_ops.logit_grad(student_padded, lse, *args, 1.0, (teacher_padded, teacher_lse, 0.5), out=out_padded,
+                          block_v=BLOCK_V)  # fmt: skip
+    out = triton_ops.logit_grad(student, lse, *args, 1.0, (teacher, teacher_lse, 0.5), out=torch.empty(C, V),
+                                block_v=BLOCK_V)  # fmt: skip
+    torch.testing.assert_close(out_padded, out, **exact)
+    assert out_padded.as_strided((C, width), (width, 1))[:, V:].eq(0).all()

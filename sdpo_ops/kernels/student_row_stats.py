@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _entropy, _exp_terms, _on_load, _rescaled, _store_target_logit
-from sdpo_ops.kernels.launch import check_row_output, launch, runs_on_gpu
+from sdpo_ops.kernels.launch import check_row_output, launch, readable_width, runs_on_gpu
 
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
 _PACKED_MIN = tl.constexpr(-(2**63))
@@ -123,8 +123,8 @@ def _merged_top(running, keys, zero, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexp
 
 
 @triton.jit
-def _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, pre_scale, softcap_bound,
-                    HAS_SOFTCAP: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+def _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, readable_v, pre_scale,
+                    softcap_bound, HAS_SOFTCAP: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
                     NUM_GROUPS: tl.constexpr):  # fmt: skip
     """The packed keys and the columns of candidate group ``g`` (``GROUP`` gathered sub-blocks, ``[GROUP * SUB]``
     each); keys of no candidate (past ``num_candidates``) or past V are ``_PACKED_MIN``."""
@@ -132,7 +132,8 @@ def _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidate
     is_candidate = g * GROUP + tl.arange(0, GROUP) < num_candidates
     cols = blocks[:, None] * SUB + tl.arange(0, SUB)[None, :]
     in_row = is_candidate[:, None] & (cols < V)
-    z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+    readable = is_candidate[:, None] & (cols < readable_v)
+    z = tl.load(row_ptr + cols * stride_logits_v, mask=readable, other=-float("inf")).to(tl.float32)
     z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
     packed = tl.where(in_row, _pack(z, cols, V), _PACKED_MIN)
     return tl.reshape(packed, [GROUP * SUB]), tl.reshape(cols, [GROUP * SUB])
@@ -150,6 +151,7 @@ def _student_row_stats_kernel(
     block_max_ptr,
     survivors_ptr,
     V,
+    readable_v,
     K,
     num_candidates,
     pre_scale,
@@ -189,7 +191,7 @@ def _student_row_stats_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         in_row = cols < V
-        z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+        z = tl.load(row_ptr + cols * stride_logits_v, mask=cols < readable_v, other=-float("inf")).to(tl.float32)
         z = tl.where(in_row, _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
 
         # shift 0 while a lane has seen only -inf (exp(-inf - -inf) would be NaN)
@@ -237,7 +239,7 @@ def _student_row_stats_kernel(
         for g in range(0, num_groups + 1):
             if g < num_groups:
                 packed, group_cols = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V,
-                                                     pre_scale, softcap_bound, HAS_SOFTCAP, SUB, GROUP,
+                                                     readable_v, pre_scale, softcap_bound, HAS_SOFTCAP, SUB, GROUP,
                                                      NUM_GROUPS)  # fmt: skip
                 keep = packed >= threshold
                 keep_count = keep.to(tl.int32)
@@ -363,6 +365,7 @@ def student_row_stats(
         block_max_ptr=block_max_scratch,
         survivors_ptr=survivors_scratch,
         V=V,
+        readable_v=readable_width(logits),
         K=topk,
         num_candidates=min(topk, num_blocks),
         pre_scale=float(pre_scale),
