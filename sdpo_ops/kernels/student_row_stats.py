@@ -36,7 +36,7 @@ Tried first: one pass with the network on every BLOCK_V tile (no sub-block selec
 sm_90 with ptxas (no GPU here; estimates, not measurements) at BLOCK_V=2048, K_PAD=128, 8 warps, its
 tile loop is ~3,700 SASS instructions per thread, ~280K per row at V=151936: ~1.2 ms per 512-row chunk
 if issue-bound (~19 ms at N=8192). Then the network over every candidate key (~3,360 per group, 7 groups):
-~47K per row. This form: ~267 per pass-1 tile, ~515 per pass-2 group, ~517 per merge: ~29K per row, 108
+~47K per row. This form: ~269 per pass-1 tile, ~520 per pass-2 group, ~517 per merge: ~29K per row, 108
 registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_after.md``).
 The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
 differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
