@@ -269,8 +269,11 @@ def _power_of_two_scale(*values: Tensor) -> Tensor:
 
 
 def _same_layout(buffer: Tensor) -> Tensor:
-    """An uninitialised tensor with ``buffer``'s shape and (padded) strides (``empty_like`` would drop the padding)."""
-    return torch.empty_strided(buffer.shape, buffer.stride(), dtype=buffer.dtype, device=buffer.device)
+    """An uninitialised ``[rows, V]`` view like ``buffer`` (a ``DevicePolicy.row_buffer``): its padded row stride, the
+    last row's padding included, so kernels may read every row up to the stride (``kernels.launch.readable_width``;
+    ``empty_like`` would drop the padding, ``empty_strided`` the last row's)."""
+    rows, vocab = buffer.shape
+    return buffer.new_empty(rows, buffer.stride(0))[:, :vocab]
 
 
 def _scaled(accumulator: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Tensor | None:
