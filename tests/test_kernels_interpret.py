@@ -455,6 +455,8 @@ def _row_loss_inputs(C, V, K, seed, *, full_vocab=False):
     outputs = RowOutputs.allocate(C, K, torch.float32, torch.device("cpu"))
     outputs.student_lse.copy_(s_lse)
     outputs.teacher_lse.copy_(t_lse)
+    # written by the student's row stats, not by row_loss: set, so that the twins compare values, not garbage
+    outputs.entropy.copy_(-(student.log_softmax(-1).exp() * student.log_softmax(-1)).nan_to_num().sum(-1))
     if full_vocab:
         torch_ops.full_vocab_divergence(
             student, teacher, s_lse, t_lse, 0.5, out=(outputs.divergence, outputs.dense_grad)
