@@ -37,19 +37,20 @@ def make_model(
     dtype: torch.dtype = torch.float32,
     **overrides,
 ) -> Qwen2ForCausalLM:
-    """A 2-layer Qwen2 with hidden size 32, random weights (``dtype``: the fp32 initialisation, cast), eval mode."""
+    """A 2-layer Qwen2 with hidden size 32 (``overrides``: other config values, sizes included), random weights
+    (``dtype``: the fp32 initialisation, cast), eval mode."""
     torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=tie_word_embeddings,
-        **overrides,
-    )
+    options = {
+        "vocab_size": vocab_size,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    config = Qwen2Config(**{**options, **overrides})
     model = Qwen2ForCausalLM(config)
     # Random init of this size gives near-uniform logits; a wider spread makes the loss (and bugs) visible.
     with torch.no_grad():

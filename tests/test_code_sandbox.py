@@ -1,4 +1,5 @@
-"""Adversarial programs through CodeReward: each is one clean failure with the right feedback, and the trainer's
+"""Adversarial programs through CodeReward (``sdpo_ops/rewards/sandbox.py``, the confinement in ``sandbox_child.py``,
+the test runner ``code_harness.py``): each is one clean failure with the right feedback, and the trainer's
 process and machine are unharmed afterwards (the ``machine`` fixture checks: a canary file outside the sandbox
 keeps its content, no process of the run is left, no sandbox directory or file is left in the temp directory,
 its permissions are unchanged).

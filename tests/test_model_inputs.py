@@ -1,5 +1,7 @@
 """``sdpo_ops.adapters.head_inputs`` / ``sdpo_loss_arguments``: a Hugging Face model's own logits, without forming them.
 
+Code under test: ``sdpo_ops/adapters/model_inputs.py``.
+
 The oracle is each model's own forward (``model(...).logits``, transformers' ``modeling_<type>.py``) on tiny random
 models of four architectures, three of them with a logit transform (Gemma 2's softcap, Cohere's scale, Granite's
 divisor): the helpers' hidden states and head must reproduce those logits at the positions that predict the

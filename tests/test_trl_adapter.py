@@ -1,5 +1,7 @@
 """``sdpo_ops.adapters.trl.SDPOTrainer`` against TRL's own ``trl.experimental.sdpo.SDPOTrainer``.
 
+Code under test: ``sdpo_ops/adapters/trl.py`` and the fused forward it shares with SDFT, ``trl_fused.py``.
+
 Same tiny Qwen2, same seed, same config: both trainers must log the same losses and end with the same
 weights after several optimizer steps (float64, so that no CPU's kernels can tell them apart: tolerances.py;
 TRL's full-logits path is the oracle). Also: feedback

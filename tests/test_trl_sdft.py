@@ -1,5 +1,7 @@
 """``sdpo_ops.adapters.trl.SDFTTrainer`` against TRL's own ``trl.experimental.sdft.SDFTTrainer``.
 
+Code under test: ``sdpo_ops/adapters/trl_sdft.py`` and the fused forward it shares with SDPO, ``trl_fused.py``.
+
 Same tiny Qwen2, same seed, same config, float64 throughout (model, teacher copy, served teacher): both trainers must
 log the same values and end with the same weights after a few optimizer steps, to float64 rounding (TRL's
 full-logits path is the oracle). Covered: top-K with the tail bucket, top-K renormalised, the full vocabulary, the

@@ -12,7 +12,8 @@ One reading for both adapters (``sdpo_step`` and the TRL trainer), the same as T
 They become :func:`sdpo_ops.sdpo_loss`'s ``logit_scale`` and ``logit_softcap``. A bad value is refused with a
 ``ValueError`` naming the config attribute. A transform the config does not declare is not in the config: each
 adapter checks once that backbone + head + declared transform reproduce the model's own logits
-(:func:`head_check_mode`, :func:`refuse_unreproduced_logits`).
+(:func:`head_check_streams`, :func:`refuse_unreproduced_logits`). A quantised head is refused
+(:func:`refuse_quantized_head`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ __all__ = [
     "HEAD_CHECK_SEED",
     "LogitTransform",
     "common_logit_transform",
-    "head_check_mode",
+    "head_check_streams",
     "logit_transform",
+    "refuse_quantized_head",
     "refuse_unreproduced_logits",
     "shared_logit_transform",
 ]
@@ -135,26 +137,53 @@ def shared_logit_transform(student: nn.Module, teacher: nn.Module) -> LogitTrans
 # Both sides run the same matmul on the same hidden state, so any real undeclared transform (a scale, a cap)
 # exceeds it by far.
 _HEAD_CHECK_RTOL = 1e-3
-# Both forwards of the check start from this seed, so a random draw other than dropout repeats too.
+# Both forwards of the check start from this seed, so their random draws (live dropout's included) repeat.
 HEAD_CHECK_SEED = 0
 
 
 @contextlib.contextmanager
-def head_check_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode and forked random streams for the head check's two forwards, both restored on exit.
+def head_check_streams() -> Iterator[None]:
+    """Forked random streams for the head check's two forwards, restored on exit: the training's draws are unchanged.
 
-    Eval mode turns dropout off (modules and ``nn.functional.dropout(training=self.training)`` alike, which TRL's
-    ``disable_dropout`` does not reach); forking leaves the training's random streams untouched.
+    The model keeps its mode: the check's forwards are of the kind the training runs itself, so they leave the model
+    as a training step would. Eval mode is not neutral: bitsandbytes' CPU ``Linear4bit`` (0.50) repacks its 4-bit
+    weight for inference, for good, on its first eval-mode forward without gradient (on CPUs with AVX512-BF16), and
+    training on the repacked weight fails. Live dropout draws alike in both forwards instead: each starts from
+    :data:`HEAD_CHECK_SEED` and draws in the same order (the backbone, then the model's own forward through it).
     """
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        with torch.random.fork_rng(devices=cuda_devices):
-            yield
-    finally:
-        for module, was_training in modes:
-            module.training = was_training
+    with torch.random.fork_rng(devices=cuda_devices):
+        yield
+
+
+def holds_quantized_weight(module: nn.Module | None) -> bool:
+    """Whether ``module``'s own ``weight`` is quantised: a bitsandbytes ``Params4bit`` (it carries a ``quant_state``,
+    whatever its storage dtype) or an integer matrix (8-bit)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return False
+    return not weight.dtype.is_floating_point or getattr(weight, "quant_state", None) is not None
+
+
+def refuse_quantized_head(model: nn.Module, head: nn.Module | None) -> None:
+    """Raise ``ValueError`` if ``model``'s output embedding ``head`` holds a quantised weight (a bitsandbytes 4-bit
+    ``Params4bit``, packed in any storage dtype, or an 8-bit integer matrix).
+
+    The fused loss multiplies the hidden states by ``head.weight`` itself; a quantised weight is not the ``[V, H]``
+    matrix of the model's logits (4-bit: ``[V * H / 2, 1]`` packed bytes), and would fail deep in the loss with a
+    shape error, or compute from the raw codes.
+    """
+    if not holds_quantized_weight(head):
+        return
+    weight = head.weight
+    name = next((name for name, module in model.named_modules() if module is head), "the output embedding")
+    raise ValueError(
+        f"the lm_head of {type(model).__name__} (`{name}`, a {type(head).__module__}.{type(head).__name__} holding a "
+        f"{weight.dtype} weight of shape {tuple(weight.shape)}) is quantised: the fused loss multiplies the hidden "
+        "states by lm_head.weight itself and needs it unquantised. Leave the head out of quantisation: with "
+        'bitsandbytes, BitsAndBytesConfig(..., llm_int8_skip_modules=["lm_head"]) (transformers skips the head by '
+        "itself only when llm_int8_skip_modules is not set)."
+    )
 
 
 def refuse_unreproduced_logits(

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from sdpo_ops.adapters.heads import LogitTransform, common_logit_transform, logit_transform
+from sdpo_ops.adapters.heads import LogitTransform, common_logit_transform, logit_transform, refuse_quantized_head
 
 __all__ = [
     "HeadInputs",
@@ -38,7 +38,7 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | Non
     """``(backbone, lm_head weight [V, H], lm_head bias [V] or None)`` of a causal LM (or a PEFT wrapper).
 
     The backbone is the module that returns the final (normed) hidden states: ``model.get_decoder()``, else
-    ``model.model``. Raises for an output embedding that is not a plain ``nn.Linear``.
+    ``model.model``. Raises for an output embedding that is not a plain ``nn.Linear`` or is quantised.
     """
     backbone = None
     get_decoder = getattr(model, "get_decoder", None)
@@ -53,6 +53,7 @@ def backbone_and_head(model: nn.Module) -> tuple[nn.Module, Tensor, Tensor | Non
         )
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
+    refuse_quantized_head(model, head)
     if not isinstance(head, nn.Linear):
         raise ValueError(
             f"the output embedding of {type(model).__name__} is {type(head).__name__}, not a plain torch.nn.Linear "

@@ -9,7 +9,7 @@ Heads that post-process ``lm_head(last_hidden_state)`` as their config declares 
 soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``, ...: :mod:`sdpo_ops.adapters.heads`)
 get that transform applied inside the fused loss. A transform the config does not declare is refused at the
 first call for each student, by comparing its own logits for one sequence with backbone + lm_head + declared
-transform (in eval mode, random streams forked: the training's draws are unchanged).
+transform (in the model's own mode, from one seed, random streams forked: the training's draws are unchanged).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from sdpo_ops.adapters.batch import SDPOBatch
 from sdpo_ops.adapters.heads import (
     HEAD_CHECK_SEED,
     LogitTransform,
-    head_check_mode,
+    head_check_streams,
     refuse_unreproduced_logits,
     shared_logit_transform,
 )
@@ -221,7 +221,7 @@ def _verify_head_once(
     model_inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if position_ids_from_mask:
         model_inputs["position_ids"] = positions_from_mask(attention_mask)
-    with torch.no_grad(), head_check_mode(model):
+    with torch.no_grad(), head_check_streams():
         torch.manual_seed(HEAD_CHECK_SEED)
         hidden = completion_hidden_states(
             backbone, input_ids, attention_mask, 1, position_ids_from_mask=position_ids_from_mask

@@ -66,8 +66,9 @@ Heads that scale or softcap their logits (Gemma 2, Cohere, Granite, ...) are tra
 read from the model config as TRL's ``add_fused_lm_head`` reads it (:mod:`sdpo_ops.adapters.heads`) and applied
 inside the fused loss. PEFT adapters on the lm_head and prompt-learning PEFT are refused with an error: the fused
 loss would silently optimise another objective. So is a transform the config does not declare, caught at the first
-step by comparing the model's own logits with the fused head's (backbone, lm_head, declared transform), in eval
-mode from one seed (dropout cannot make them differ).
+step by comparing the model's own logits with the fused head's (backbone, lm_head, declared transform), in the
+model's own mode from one seed (dropout draws alike in both). A quantised lm_head (QLoRA with the head quantised too)
+is refused at construction.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ from sdpo_ops.adapters import trl_teacher
 from sdpo_ops.adapters.heads import (
     HEAD_CHECK_SEED,
     LogitTransform,
-    head_check_mode,
+    head_check_streams,
+    refuse_quantized_head,
     refuse_unreproduced_logits,
     shared_logit_transform,
 )
@@ -107,8 +108,14 @@ def _full_shape(tensor: Tensor) -> torch.Size:
 
 
 def _lm_head(model: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(weight [V, H], bias [V] or None)`` of the model's output projection (possibly ZeRO-3 partitioned)."""
-    head = _transformers_model(model).get_output_embeddings()
+    """``(weight [V, H], bias [V] or None)`` of the model's output projection (possibly ZeRO-3 partitioned).
+
+    Raises ``ValueError`` for a quantised head (a QLoRA base quantised with its lm_head) and any other head that is
+    not a linear layer with a ``[V, H]`` weight.
+    """
+    causal_lm = _transformers_model(model)
+    head = causal_lm.get_output_embeddings()
+    refuse_quantized_head(causal_lm, head)
     weight = getattr(head, "weight", None)
     if not isinstance(weight, Tensor) or len(_full_shape(weight)) != 2:
         raise ValueError(
@@ -135,6 +142,7 @@ def _check_model_is_supported(model: nn.Module, role: str) -> None:
                 "loss runs the backbone directly, so the virtual tokens would never be prepended. Use a weight "
                 "adapter such as LoRA."
             )
+    _lm_head(model)  # a [V, H] head, not quantised
 
 
 class _HeldCopy(torch.autograd.Function):
@@ -430,12 +438,13 @@ class FusedDistillationMixin:
     def _head_check_logits(self, model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """``(model's own last logits [V], the declared transform of hidden @ W^T + b [V])`` for one sequence, fp32.
 
-        Two forwards (the model's, and its backbone's as the fused loss runs it) that must not differ by chance: in
-        eval mode, each from the same seed, the training's random streams forked (:func:`head_check_mode`).
+        Two forwards (the model's, and its backbone's as the fused loss runs it) that must not differ by chance: each
+        from the same seed, the training's random streams forked, the model left in its mode
+        (:func:`head_check_streams`: an eval-mode forward would repack a bitsandbytes CPU 4-bit base for good).
         """
         model_inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         # The model's forward carries accelerate's autocast wrapper (if any); the backbone call gets the same.
-        with head_check_mode(model), self.accelerator.autocast():
+        with head_check_streams(), self.accelerator.autocast():
             torch.manual_seed(HEAD_CHECK_SEED)
             hidden = _backbone(model)(**model_inputs).last_hidden_state[0, -1]
             if "logits_to_keep" in self.model_kwarg_keys:

@@ -9,10 +9,14 @@
   float64 and the teacher's fp32 arithmetic is what remains. Measured: TRL against TRL with every served log-prob
   moved by one fp32 ulp (random sign).
 
+- ``qlora``: a bitsandbytes NF4 base with LoRA on q/v (test_qlora.py) trains in fp32 (4-bit weights have no
+  float64). Measured: TRL against TRL with every weight of the fp32 model moved by one fp32 ulp (random sign) before
+  it is quantised on load.
+
 For each case: the largest absolute difference of a weight update, the largest relative difference of a logged
 value (and where the value is below 1e-6, the largest absolute one), TRL perturbed against TRL and ours against TRL.
 
-    PYTHONPATH=. python tests/scripts/measure_trainer_noise.py
+    PYTHONPATH=. python tests/scripts/measure_trainer_noise.py [gemma2] [server] [qlora]   (none named: all)
 """
 
 from __future__ import annotations
@@ -138,13 +142,34 @@ def server(root: Path, tokenizer) -> None:
         print(f"server {case}: ours vs TRL {differences(ours, trl, initial)}", flush=True)
 
 
+def qlora(root: Path, tokenizer) -> None:
+    import test_qlora as qlora_test
+
+    model = make_model(len(tokenizer), hidden_size=64, intermediate_size=128, head_dim=16)
+    model_dir = save_model(root / "qlora", tokenizer, model)
+    generator = np.random.default_rng(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.from_numpy(one_ulp(parameter.numpy(), generator)))
+    perturbed_dir = save_model(root / "qlora_ulp", tokenizer, model)
+    args = tiny_sdpo_config(root / "out", **qlora_test.QLORA_CASE)
+    trl, initial = qlora_test.train_qlora(TRLSDPOTrainer, model_dir, tokenizer, args)
+    perturbed, _ = qlora_test.train_qlora(TRLSDPOTrainer, perturbed_dir, tokenizer, args)
+    ours, _ = qlora_test.train_qlora(SDPOTrainer, model_dir, tokenizer, args)
+    initial = {name: initial.get(name, torch.zeros_like(value)) for name, value in trl[1].items()}
+    print(f"qlora: TRL(1 ulp) vs TRL {differences(perturbed, trl, initial)}", flush=True)
+    print(f"qlora: ours vs TRL {differences(ours, trl, initial)}", flush=True)
+
+
+CASES = {"gemma2": gemma2, "server": server, "qlora": qlora}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     tokenizer = make_tokenizer()
     with tempfile.TemporaryDirectory() as root:
-        if "server" not in sys.argv:
-            gemma2(Path(root), tokenizer)
-        server(Path(root), tokenizer)
+        for name in [name for name in sys.argv[1:] if name in CASES] or list(CASES):
+            CASES[name](Path(root), tokenizer)
 
 
 if __name__ == "__main__":
