@@ -21,6 +21,7 @@ Both run the same forward and backward code: only the packaging differs. The opt
 on a torch that cannot register them, no op is registered and compiled calls trace the Functions as before.
 """
 
+import inspect
 from dataclasses import replace
 from types import ModuleType
 from typing import NamedTuple
@@ -288,13 +289,14 @@ def _register_ops():
     supported): compiled calls then trace the Functions, specialised on N, as before the ops existed."""
     try:
         from torch._library.opaque_object import register_opaque_type
-
-        # Options reach the ops as one constant of the graph, guarded by ``==`` (a new value compiles anew, as a new
-        # Python constant would); they hold no tensor.
-        register_opaque_type(DevicePolicy, typ="value")
-        register_opaque_type(FusedOptions, typ="value")
-    except (ImportError, TypeError, ValueError, AssertionError):
+    except ImportError:
         return None, None
+    if "typ" not in inspect.signature(register_opaque_type).parameters:  # opaque objects, but no value types yet
+        return None, None
+    # Options reach the ops as one constant of the graph, guarded by ``==`` (a new value compiles anew, as a new Python
+    # constant would); they hold no tensor. A refusal here (a missing ``__fx_repr__``) is a bug: raised, not skipped.
+    register_opaque_type(DevicePolicy, typ="value")
+    register_opaque_type(FusedOptions, typ="value")
     fused = torch.library.custom_op("sdpo_ops::fused_sdpo", _fused_sdpo, mutates_args=())
     fused.register_fake(_fused_sdpo_fake)
     fused.register_autograd(_fused_sdpo_backward, setup_context=_fused_sdpo_setup_context)

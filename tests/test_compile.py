@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
 
-from sdpo_ops import sdpo_loss, sdpo_loss_from_logits, sdpo_loss_from_teacher_topk
+from sdpo_ops import compiled_op, sdpo_loss, sdpo_loss_from_logits, sdpo_loss_from_teacher_topk
 from sdpo_ops.chunked import FusedOptions
 from sdpo_ops.device_policy import CPU_POLICY, use_policy
 
@@ -256,6 +256,12 @@ def test_triton_backend_compiles_once_over_token_counts():
             inputs = _inputs(seed, num_tokens, dtype=torch.float32)
             _assert_same(_loss_and_grads(compiled, *inputs, mark_dynamic=True), _loss_and_grads(loss_fn, *inputs))
     assert counter.frame_count == 1
+
+
+def test_the_ops_are_registered_on_this_torch():
+    # without them compiled calls fall back to tracing the Functions (one graph per N): this torch must have them
+    assert compiled_op._FUSED_OP._opoverload is torch.ops.sdpo_ops.fused_sdpo.default
+    assert compiled_op._RECOMPUTE_OP._opoverload is torch.ops.sdpo_ops.recompute_student_gradients.default
 
 
 @pytest.mark.parametrize("teacher", ["hidden", "topk"])
