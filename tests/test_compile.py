@@ -117,6 +117,23 @@ def test_aot_autograd_traces_the_ops_backward_once():
     assert counter.frame_count == 1
 
 
+def test_second_backward_through_a_retained_graph_recomputes():
+    # dynamo's eager backend runs the op's autograd formula as eager runs the Function's: the first backward hands the
+    # formed gradients over (scaled in place), the second recomputes them; both equal eager's
+    torch._dynamo.reset()
+    loss_fn = _distillation_and_policy_loss("token-mean")
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="eager")
+    student_hidden, teacher_hidden, weight, target_ids, old_logprobs, mask = _inputs(5)
+    grads = []
+    for fn in (compiled, loss_fn):
+        hidden, head = student_hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = 3.0 * fn(hidden, head, teacher_hidden, target_ids, old_logprobs, mask)  # an upstream scale != 1
+        first = torch.autograd.grad(loss, (hidden, head), retain_graph=True)
+        grads.append((*first, *torch.autograd.grad(loss, (hidden, head))))
+    _assert_same(*grads)
+    _assert_same(grads[0][2:], grads[0][:2])
+
+
 def test_inductor_compiles_once_over_token_counts():
     # inductor (C++ code on CPU) compiles the forward and backward graphs around the op (needs a C++ compiler)
     torch._dynamo.reset()
