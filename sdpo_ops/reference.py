@@ -123,12 +123,18 @@ def entropy_of(log_probs: Tensor) -> Tensor:
     ``ENTROPY_ROWS`` rows at a time, as TRL's ``entropy_from_logits`` does: a logged metric must not add ``[N, V]``
     temporaries to the loss on materialised logits (``bench.memory_table`` prices that loss's memory)."""
     rows = log_probs.detach().reshape(-1, log_probs.shape[-1])
+    if torch.compiler.is_compiling():
+        # one expression: a row loop would specialise the graph on N, and a compiler fuses this into one reduction
+        return _entropy_rows(rows).reshape(log_probs.shape[:-1])
     entropy = rows.new_empty(rows.shape[0])
     for start in range(0, rows.shape[0], ENTROPY_ROWS):
-        chunk = rows[start : start + ENTROPY_ROWS]
-        probs = chunk.exp()
-        entropy[start : start + ENTROPY_ROWS] = -torch.where(probs > 0, probs * chunk, torch.zeros_like(probs)).sum(-1)
+        entropy[start : start + ENTROPY_ROWS] = _entropy_rows(rows[start : start + ENTROPY_ROWS])
     return entropy.reshape(log_probs.shape[:-1])
+
+
+def _entropy_rows(log_probs: Tensor) -> Tensor:
+    probs = log_probs.exp()
+    return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
 
 
 def importance_weight(target_logprobs: Tensor, old_logprobs: Tensor, is_clip: float) -> Tensor:
