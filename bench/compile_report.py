@@ -53,6 +53,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature
 
 SM90 = GPUTarget("cuda", 90, 32)
 SHAPE = {"N": 8192, "H": 4096, "V": 151936}
+ODD_VOCAB = 50257  # GPT-2's: V % 16 = 1
 DTYPE = torch.bfloat16
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "sm90-compile"
 # A row access: tl.load / tl.store whose pointer is "<row pointer> + cols" (the column vector of a row tile).
@@ -71,6 +72,7 @@ class Mode:
     weight_grad: bool = True
     target_logprob_grad: bool = False  # backward through return_outputs' target_logprobs too
     backward: bool = True
+    vocab: int | None = None  # else SHAPE["V"]
 
 
 MODES = (
@@ -90,6 +92,9 @@ MODES = (
     Mode("no-grad", dict(topk=100), hidden_grad=False, weight_grad=False, backward=False),
     Mode("softcap-T0.7", dict(topk=100, logit_softcap=30.0, temperature=0.7)),  # Gemma 2: the transform on load
     Mode("full-vocab-softcap", dict(topk=None, logit_softcap=30.0)),
+    # an odd vocabulary (GPT-2's): the host pads the [C, V] row stride to a multiple of 16 elements
+    # (CUDA_POLICY.row_stride_multiple), so the row pointers stay 16-byte aligned and the row accesses 128-bit
+    Mode(f"topk100-V{ODD_VOCAB}", dict(topk=100, add_tail=True, alpha=0.5), vocab=ODD_VOCAB),
 )
 
 
@@ -112,11 +117,12 @@ def _meta_tensors_choose_cuda_configs() -> Iterator[None]:
 
 
 def trace(mode: Mode) -> list:
-    """The ``LaunchRecord`` of every Triton launch of one forward (+ backward) at ``SHAPE``, on meta tensors."""
+    """The ``LaunchRecord`` of every Triton launch of one forward (+ backward) at ``SHAPE`` (V: the mode's own
+    where it has one), on meta tensors."""
     from sdpo_ops import sdpo_loss
     from sdpo_ops.kernels.launch import record_launches
 
-    N, H, V = SHAPE["N"], SHAPE["H"], SHAPE["V"]
+    N, H, V = SHAPE["N"], SHAPE["H"], mode.vocab or SHAPE["V"]
 
     def meta(*shape, dtype=DTYPE, grad=False):
         return torch.empty(*shape, device="meta", dtype=dtype, requires_grad=grad)
@@ -296,29 +302,36 @@ def ctas_per_sm(result: CompileResult) -> int:
 
 
 def student_instructions_per_row(result: CompileResult, vocab: int = SHAPE["V"]) -> dict[str, int] | None:
-    """SASS instructions per thread and row of ``_student_row_stats_kernel`` with top-K, from its loop bodies:
-    pass 1 (one per BLOCK_V tile), pass 2a (one per GROUP candidate blocks) and, only when more than CAP keys
-    survive the threshold, the fallback (one per FALLBACK_GROUP blocks); the rest is counted once (an upper bound:
-    it includes the fallback's own set-up). The K candidates are K_PAD's top K: K = 100 taken for K_PAD = 128."""
+    """SASS instructions per thread and row of ``_student_row_stats_kernel`` with top-K, from its loop bodies.
+
+    Pass 1: one body per BLOCK_V tile. Pass 2 (the kernel with survivor batches, ``BATCH`` among its constexprs):
+    the group loop (its body holds the batch loop's) runs ceil(K / GROUP) + 1 times, the batch loop once when at
+    most BATCH keys survive ("per row"), or GROUP * SUB / BATCH times per group when every candidate key survives
+    (the bound; all-equal logits merge one group's worth and then none survive the raised threshold). The kernel
+    before it (two loops): one network per group. The rest is counted once. K = 100 taken for K_PAD = 128."""
     constexprs = result.constexprs
     if result.kernel != "_student_row_stats_kernel" or not constexprs.get("HAS_TOPK"):
         return None
     k = {128: 100}.get(constexprs["K_PAD"], constexprs["K_PAD"])
     tiles = -(-vocab // constexprs["BLOCK_V"])
+    groups = -(-k // constexprs["GROUP"])
     loops = result.sass_loops
-    if "FALLBACK_GROUP" not in constexprs or len(loops) != 3:  # the kernel before the survivors' network
+    if "BATCH" not in constexprs:  # the kernel before the survivor batches: [pass 1, pass 2]
         pass1, pass2 = loops[0], loops[-1]
         straight = result.sass_instructions - pass1 - pass2
-        common = pass1 * tiles + pass2 * -(-k // constexprs["GROUP"]) + straight
-        return {"pass 1 tile": pass1, "pass 2 group": pass2, "per row": common}
-    pass1, compaction, fallback = loops
-    straight = result.sass_instructions - pass1 - compaction - fallback
-    common = pass1 * tiles + compaction * -(-k // constexprs["GROUP"]) + straight
+        return {"pass 1 tile": pass1, "pass 2 group": pass2, "per row": pass1 * tiles + pass2 * groups + straight}
+    if len(loops) != 3:
+        raise ValueError(f"expected the loops [pass 1, batch, group], got {loops}")
+    pass1, batch, group = loops
+    straight = result.sass_instructions - pass1 - group
+    common = pass1 * tiles + (group - batch) * (groups + 1) + straight
+    batches_per_group = -(-constexprs["GROUP"] * constexprs["SUB"] // constexprs["BATCH"])
     return {
         "pass 1 tile": pass1,
-        "pass 2 group": compaction,
-        "per row": common,
-        "per row, fallback": common + fallback * -(-k // constexprs["FALLBACK_GROUP"]),
+        "pass 2 group": group - batch,
+        "pass 2 batch": batch,
+        "per row": common + batch,
+        "per row, every key survives": common + batch * batches_per_group * groups,
     }
 
 
@@ -514,7 +527,8 @@ def markdown(results: list[CompileResult], source_state: str) -> str:
         "",
         f"`python -m bench.compile_report` with triton {version}, torch {torch.__version__}: every Triton launch "
         f'of `sdpo_loss(..., backend="triton")` and its backward traced on meta tensors at N={SHAPE["N"]}, '
-        f"H={SHAPE['H']}, V={SHAPE['V']}, bf16, specialised by Triton's own JIT code (16-byte aligned "
+        f"H={SHAPE['H']}, V={SHAPE['V']} (mode `topk100-V{ODD_VOCAB}`: V={ODD_VOCAB}, row stride padded to a "
+        "multiple of 16), bf16, specialised by Triton's own JIT code (16-byte aligned "
         'allocations assumed) and compiled for `GPUTarget("cuda", 90, 32)` with the wheel\'s ptxas. '
         f"Compiler figures, not GPU measurements. Kernels of {source_state}.",
         "",
@@ -540,7 +554,10 @@ def markdown(results: list[CompileResult], source_state: str) -> str:
             f"{result.sass_ldg_128} / {result.sass_ldg} | {result.sass_instructions} ({loops}) | "
             f"{result.shared_bytes} | {ctas_per_sm(result)} | {version} |"
         )
-    per_row = [(result, student_instructions_per_row(result)) for result in results]
+    at_default_vocab = {mode.name for mode in MODES if mode.vocab is None}
+    per_row = [
+        (result, student_instructions_per_row(result)) for result in results if at_default_vocab & set(result.modes)
+    ]
     per_row = [(result, counts) for result, counts in per_row if counts]
     if per_row:
         lines += [
@@ -548,13 +565,15 @@ def markdown(results: list[CompileResult], source_state: str) -> str:
             f"`_student_row_stats_kernel` SASS instructions per thread and row at V={SHAPE['V']} (loop bodies times "
             "their trip counts, plus the straight-line code once; `compile_report.student_instructions_per_row`):",
             "",
-            "| specialisation | pass 1 tile | pass 2 group | per row | per row if the survivors overflow |",
-            "|---|---:|---:|---:|---:|",
+            "| specialisation | pass 1 tile | pass 2 group | pass 2 batch | per row (<= BATCH survivors) | "
+            "per row if every candidate key survives (bound) |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
         for result, counts in per_row:
             lines.append(
-                f"| {_summary(result)} | {counts['pass 1 tile']} | {counts['pass 2 group']} | {counts['per row']} | "
-                f"{counts.get('per row, fallback', '-')} |"
+                f"| {_summary(result)} | {counts['pass 1 tile']} | {counts['pass 2 group']} | "
+                f"{counts.get('pass 2 batch', '-')} | {counts['per row']} | "
+                f"{counts.get('per row, every key survives', '-')} |"
             )
     unaligned = sum("not 16-B aligned" in _summary(result) for result in results)
     if unaligned:
@@ -603,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {
             "triton": triton.__version__,
             "modes": [mode.name for mode in modes],
+            "vocab": {mode.name: mode.vocab or SHAPE["V"] for mode in modes},
             "results": [result.to_json() for result in results],
         }
         print(json.dumps(report))

@@ -23,6 +23,7 @@ forward (``mode="fwd"``, under ``torch.no_grad()``) or forward+backward (``"fwd+
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -166,15 +167,24 @@ def run_floor(
     """The unavoidable GEMMs, issued exactly as ``sdpo_loss`` issues them; returns ``(dH [N, H], dW [V, H])``.
 
     Per chunk of ``chunk_rows`` tokens: the student and teacher logits into fp32 ``[C, V]`` buffers (fp32
-    output from bf16 operands on CUDA). Per block of staged rows (``DevicePolicy.stage_rows``, >= 1920
-    on CUDA): ``dH = dZ Ws`` and ``dW += dZ^T Hs`` into an fp32 accumulator, with a GEMM-dtype buffer of the
-    block's size standing in for dZ. The accumulator's read+write per block is part of the honest floor: a
+    output from bf16 operands on CUDA). Per block of staged rows (the loss's dW passes in top-K mode:
+    ``chunked.staging_rows``, ``device_policy.dw_pass_chunks``; 2304, 2304, 1920 and 1664 rows at the SPEC shape on
+    CUDA): ``dH = dZ Ws`` and ``dW += dZ^T Hs`` into an fp32 accumulator, with a GEMM-dtype buffer of the block's
+    size standing in for dZ. The accumulator's read+write per block is part of the honest floor: a
     floor that added each small chunk straight into dW would be memory-bound; one that never accumulated in
     fp32 would skip traffic any unbiased training must pay. ``None, None`` in ``fwd`` mode.
     ``logit_grad`` (``[stage rows, V]``, default random) is the dZ stand-in every block reuses.
     """
-    from sdpo_ops.chunked import FusedOptions, _accumulate_weight_grad, _logits_into, accumulation_dtype
-    from sdpo_ops.device_policy import policy_for
+    from sdpo_ops.chunked import (
+        FusedOptions,
+        _accumulate_weight_grad,
+        _logits_into,
+        _nbytes,
+        _scratch_rows,
+        accumulation_dtype,
+        staging_rows,
+    )
+    from sdpo_ops.device_policy import dw_pass_chunks, policy_for
 
     hs, ws = inputs.student_hidden.detach(), inputs.student_weight.detach()
     ht, wt = inputs.teacher_hidden, inputs.teacher_weight
@@ -189,7 +199,10 @@ def run_floor(
         zt = torch.empty(rows, v, dtype=accumulate, device=ht.device)
         dh = torch.empty_like(hs) if backward else None
         dw = torch.zeros(ws.shape, dtype=accumulate, device=ws.device) if backward else None
-        stage_rows = policy.stage_rows(rows, n)
+        # the top-K loss's staging: its teacher logits ride in the staging, beside the student's buffer
+        scratch = _scratch_rows(policy, v, ws.dtype, accumulate)
+        stage_rows, _ = staging_rows(policy, rows, n, ws, _nbytes(zs), scratch)
+        pass_ends = list(itertools.accumulate(dw_pass_chunks(-(-n // rows), stage_rows // rows)))
         gemm_dtype = policy.staging_dtype(ws.dtype, accumulate)
         if backward and logit_grad is None:
             logit_grad = torch.randn(stage_rows, v, device=hs.device).to(gemm_dtype)
@@ -198,7 +211,7 @@ def run_floor(
             end = min(start + rows, n)
             _logits_into(zs, hs[start:end], ws, None, options)
             _logits_into(zt, ht[start:end], wt, None, options)
-            if backward and (end - block_start == stage_rows or end == n):  # a full block, or the last one
+            if backward and start // rows + 1 in pass_ends:  # the last chunk of a pass
                 block, block_start = slice(block_start, end), end
                 dz = logit_grad[: block.stop - block.start]
                 gemm_grad = dz if dz.dtype == ws.dtype else dz.to(ws.dtype)

@@ -14,10 +14,13 @@ sustained 1.755 GHz, 4 warp-instructions issued per SM and cycle at most. Assump
 - GEMM rate at small M (the chunk logits GEMMs, M = C = 384 rows; dH, M = staged rows): 100% / 96% / 90% of
   the large-GEMM rate for M = 384 (128 x 256 tiles: 3 x 594 = 1782 tiles over 132 SMs = 13.5 waves, central
   rounds up to 14), 100% / 93% / 87% for dH (K = V = 151936 deep, few output tiles).
-- dW accumulator read-modify-write (fp32 [V, H], ~5 GB per pass with beta = 1, ~2.5 GB written by the first):
-  fully hidden under the GEMM (time = max) / half hidden / not hidden (time = GEMM + traffic).
+- dW accumulator read-modify-write (fp32 [V, H], ~5 GB per pass with beta = 1, ~2.5 GB written by the first, whose
+  beta = 0 reads nothing: BLAS/cuBLAS, "C need not be set on input"): fully hidden under the GEMM (time = max) /
+  half hidden / not hidden (time = GEMM + accumulator traffic). The GEMM's operands (dZ, the hidden rows) stream
+  under its MMAs, as every GEMM here is priced (max of FLOPs and bytes). The passes are the loss's own
+  (``DevicePolicy.stage_rows``: 4 at the SPEC shape, of 2304, 2304, 1920 and 1664 rows).
 - student_row_stats is issue-bound: SASS instructions per thread and row (``bench.compile_report``, triton
-  3.7.1, sm_90) x 8 warps, issued at IPC 4 / 2.8 / 2 per SM; 2 CTAs per SM (100 registers, 16 KB shared);
+  3.7.1, sm_90) x 8 warps, issued at IPC 4 / 2.8 / 2 per SM; 2 CTAs per SM (108 registers, 16 KB shared);
   rows per SM: C / 132 evenly (low), ceil(C / 132) (central), whole waves of 264 CTAs (high: 1.45 waves of a
   384-row chunk round up to 2, i.e. 4 rows per SM); never below its bytes at 85% of HBM.
 - softcap (only with ``--softcap``): ~20 SASS instructions per logit per pass for ``tanh`` from ``exp``, in the
@@ -76,8 +79,8 @@ SCENARIOS = (
     Scenario("high", 0.90, 0.87, 0.0, 2.0, "waves", 2.0, 6e-6),
 )
 # SASS instructions per thread and row of _student_row_stats_kernel (topk100; bench/results/sm90-compile/3.7.1.md,
-# "per row"), 8 warps per CTA, 2 CTAs per SM (100 registers).
-STUDENT_INSTRUCTIONS_PER_ROW = 47060
+# "per row"), 8 warps per CTA, 2 CTAs per SM (108 registers; pass 2 merges only the K-th block maximum's survivors).
+STUDENT_INSTRUCTIONS_PER_ROW = 29114
 STUDENT_WARPS, STUDENT_CTAS_PER_SM = 8, 2
 # Extra SASS instructions per logit for a softcap's tanh (expm1 polynomial and a division), per [C, V] pass.
 SOFTCAP_INSTRUCTIONS_PER_LOGIT = 20
@@ -113,9 +116,13 @@ def _seconds(step: Step, name: str, gpu: Gpu, scenario: Scenario, vocab: int, so
         compute /= scenario.logits_gemm_rate
     elif name == DH:
         compute /= scenario.dh_gemm_rate
-    elif name == DW:  # the traffic is the accumulator's read-modify-write; the hidden part overlaps the GEMM
-        hidden = min(memory, compute) * scenario.accumulator_hidden
-        return compute + memory - hidden + scenario.launch_gap
+    elif name == DW:
+        # the operands (dZ, hidden rows) stream under the MMAs as in every other GEMM here (max of the two); the
+        # risk is the fp32 accumulator's read-modify-write in the epilogue, hidden under the GEMM or not
+        gemm = max(compute, (step.bytes - step.output_bytes) / gpu.bandwidth)
+        accumulator = step.output_bytes / gpu.bandwidth
+        hidden = min(accumulator, gemm) * scenario.accumulator_hidden
+        return gemm + accumulator - hidden + scenario.launch_gap
     issue_rate = gpu.sms * gpu.clock  # warp-instruction issue slots per second at IPC 1, all SMs
     if step.name == "_student_row_stats_kernel":
         rows = step.shapes[0]  # the grid: one program per row
@@ -168,13 +175,16 @@ def trace_call(num_tokens: int, hidden: int, vocab: int, **options) -> Trace:
     return trace(lambda: sdpo_loss(hs, ws, ht, wt, target_ids=targets, old_logprobs=old, backend="triton", **options))
 
 
-def markdown(results: list[dict], shape: str, traced: Trace) -> str:
+def markdown(results: list[dict], shape: str, traced: Trace, vocab: int, hidden: int) -> str:
     """One table per GPU: each step's low / central / high milliseconds, the totals and both ratios."""
     lines = [
         f"## ESTIMATE (not a measurement; no GPU measured this): {shape}",
         "",
         "Priced from a meta-device trace of the real host code (`python -m bench.cost_model`); the assumptions of",
         "each column are in `bench/cost_model.py`'s docstring. Host syncs per call on CUDA: 0.",
+        f"dW accumulator passes: {len(traced.dw_pass_rows(vocab, hidden))}, of "
+        + ", ".join(str(rows) for rows in traced.dw_pass_rows(vocab, hidden))
+        + " rows of dZ.",
         "",
     ]
     for gpu in GPUS:
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = f"N={args.tokens}, H={args.hidden}, V={args.vocab}, K={args.topk or 'full vocabulary'}, bf16, fwd+bwd"
     if args.softcap is not None:
         shape += f", logit_softcap={args.softcap}"
-    table = markdown(results, shape, traced)
+    table = markdown(results, shape, traced, args.vocab, args.hidden)
     print(table)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -52,6 +52,9 @@ class Step:
     bytes: int
     shapes: tuple  # of the op's tensor outputs (aten) or its grid (triton)
     phase: str  # "forward" or "backward"
+    # of ``bytes``: those written to the outputs plus those read back from them (in place, an addmm with beta != 0);
+    # the rest are operand reads. 0 for Triton launches (their launchers report one total).
+    output_bytes: int = 0
 
 
 @dataclass
@@ -64,6 +67,15 @@ class Trace:
 
     def launches(self, phase: str | None = None) -> int:
         return sum(1 for step in self.steps if phase in (None, step.phase))
+
+    def dw_pass_rows(self, vocab: int, hidden: int) -> list[int]:
+        """Rows of dZ each pass over a ``[V, H]`` weight-gradient accumulator multiplies (the inner dimension of its
+        ``[V, R] x [R, H]`` GEMM), in order."""
+        return [
+            step.flops // (2 * vocab * hidden)
+            for step in self.steps
+            if step.name in ("addmm", "addmm_") and step.shapes == ((vocab, hidden),)
+        ]
 
     def peak_bytes(self) -> int:
         """Peak of the whole call beyond its inputs: forward's, or what forward left plus backward's own peak."""
@@ -118,10 +130,16 @@ class _Recorder(TorchDispatchMode):
         destinations = [v for k, v in kwargs.items() if k == "out" and isinstance(v, torch.Tensor)]
         positional = [a for a in tree_flatten(args)[0] if isinstance(a, torch.Tensor)]
         read = {id(a): a for a in inputs if not any(a is d for d in destinations) or any(a is p for p in positional)}
+        if name in ("addmm", "addmm_") and kwargs.get("beta", 1) == 0 and not any(args[0] is a for a in args[1:3]):
+            # BLAS: "if beta = 0, C need not be set on input" (cuBLAS: "C does not have to be a valid input"):
+            # a beta = 0 GEMM writes its output without reading it (the first dW pass, the fp32 logits GEMM)
+            read.pop(id(args[0]), None)
         moved = sum(_nbytes(a) for a in read.values()) + sum(_nbytes(o) for o in outputs)
         flops = _matmul_flops(name, args) if name in _MATMULS else 0
         shapes = tuple(tuple(o.shape) for o in outputs)
-        self.trace.steps.append(Step(name, "aten", flops, moved, shapes, self.phase))
+        read_back = sum(_nbytes(o) for o in outputs if id(o) in read)
+        output_bytes = sum(_nbytes(o) for o in outputs) + read_back
+        self.trace.steps.append(Step(name, "aten", flops, moved, shapes, self.phase, output_bytes))
         return result
 
 

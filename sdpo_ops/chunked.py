@@ -6,7 +6,9 @@ Per chunk of C token rows (never a full ``[N, V]`` tensor):
    its epilogue where the dtypes allow, the rest and any softcap applied by every row stage on load);
    ``student_row_stats``: log-sum-exp, top-K logits and columns, target, and the entropy (same pass, for logging).
 2. ``ht_c @ Wt^T + bt`` likewise into a second buffer (no gradient); ``teacher_row_stats``: log-sum-exp
-   and the logits at the student's top-K columns and at the target column.
+   and the logits at the student's top-K columns and at the target column. In top-K mode with the gradient formed
+   in forward that buffer is the dZ staging's next unfilled rows (step 4): the logits are dead before the chunk's
+   dZ overwrites them, which one stream orders, and the staging gains their bytes (one chunk more per dW pass).
 3. ``row_loss_``: the ``[C, K+1]`` math (tail bins, GJSD, its gradient coefficients, IS weight, row scale,
    weighted loss) in one launch. Full-vocabulary mode runs ``full_vocab_divergence`` over both buffers first.
 4. Gradient. When the only differentiable output is a scalar (every reduction but ``"none"``) the gradient
@@ -41,7 +43,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sdpo_ops.device_policy import DevicePolicy, mm_into_fp32, policy_for
+from sdpo_ops.device_policy import DevicePolicy, dw_pass_chunks, mm_into_fp32, policy_for
 from sdpo_ops.row_outputs import RowOutputs
 
 
@@ -59,6 +61,11 @@ class FusedOptions:
     # the device's host-side choices (``sdpo_ops.device_policy``); None: the inputs' device's. Fixed per call, so
     # backward follows forward's choices even outside a ``use_policy`` block.
     policy: DevicePolicy | None = None
+
+    def __fx_repr__(self) -> tuple[str, dict[str, type]]:
+        """Source that rebuilds these options in a traced graph (``sdpo_ops.compiled_op`` passes them to its custom
+        ops as an opaque value: compared by ``==``, hashed, and written into the graph's code as this repr)."""
+        return repr(self), {"FusedOptions": FusedOptions, "DevicePolicy": DevicePolicy}
 
     @property
     def grad_scale(self) -> float:
@@ -145,28 +152,56 @@ class _Gradients:
 class _StagedGradients:
     """dZ of consecutive chunks staged in the GEMM dtype, turned into dH rows, dW and db one pass at a time."""
 
-    def __init__(
-        self, grads: _Gradients, hidden: Tensor, weight: Tensor, options: FusedOptions, overwrite: bool = False
-    ):
-        """``overwrite``: dW and db hold nothing yet (``_Gradients.allocate(zero=False)``): the first pass sets them."""
+    def __init__(self, grads: _Gradients, hidden: Tensor, weight: Tensor, options: FusedOptions, held_bytes: int,
+                 overwrite: bool = False, scratch_dtype: torch.dtype | None = None):  # fmt: skip
+        """``held_bytes``: what the call's other working buffers hold (chunk buffers, per-row results), which the
+        staging's share of ``DevicePolicy.working_bytes`` leaves out. ``overwrite``: dW and db hold nothing yet
+        (``_Gradients.allocate(zero=False)``): the first pass sets them. ``scratch_dtype``: per-chunk logits of this
+        dtype live in the unfilled rows (``logits_scratch``): they span ``C * itemsize / staging itemsize`` rows
+        from the fill, the chunk's own dZ slot among them, so the buffer holds that many beyond one pass's dZ."""
         self.grads, self.hidden, self.weight = grads, hidden, weight
         self.overwrite = overwrite
         policy = options.policy
-        stage_rows = policy.stage_rows(options.chunk_size, hidden.shape[0])
+        vocab = weight.shape[0]
+        # staging rows per row of scratch logits; 0: no scratch
+        self.scratch_rows = 0 if scratch_dtype is None else _scratch_rows(policy, vocab, weight.dtype, scratch_dtype)
+        self.capacity, extra = staging_rows(policy, options.chunk_size, hidden.shape[0], weight, held_bytes,
+                                            self.scratch_rows)  # fmt: skip
         staging = policy.staging_dtype(weight.dtype, accumulation_dtype(weight.dtype))
-        self.buffer = policy.row_buffer(stage_rows, weight.shape[0], staging, weight.device)
+        self.storage = torch.empty(self.capacity + extra, policy.row_stride(vocab), dtype=staging, device=weight.device)
+        self.buffer = self.storage[:, :vocab]
         self.first_row, self.filled = 0, 0
+        chunk = max(1, min(options.chunk_size, hidden.shape[0]))
+        # chunks per pass, the current one first (even passes: no small last one)
+        self.passes = dw_pass_chunks(-(-hidden.shape[0] // chunk), self.capacity // chunk)
+        self.staged_chunks = 0
+
+    def logits_scratch(self, count: int, dtype: torch.dtype) -> Tensor:
+        """A ``[count, V]`` buffer of ``dtype`` (the padded row stride) over the rows the next ``slot`` hands out,
+        flushing first when the pass is full (constructed with ``scratch_dtype=dtype``). Only for logits that are
+        read before the chunk's dZ is written (the teacher's in top-K mode: ``teacher_row_stats`` reads them,
+        ``logit_grad`` does not), which one stream orders; the next flush's GEMMs, too, run before the next
+        chunk's logits overwrite them."""
+        self._make_room()
+        start = self.filled
+        rows = self.storage[start : start + count * self.scratch_rows]
+        return rows.view(dtype).view(count, self.storage.shape[1])[:, : self.buffer.shape[1]]
 
     def slot(self, rows: slice) -> Tensor:
-        """The staging rows for the chunk ``rows`` (consecutive chunks only), flushing first when full."""
+        """The staging rows for the chunk ``rows`` (consecutive chunks only), flushing first when the pass is full."""
         count = rows.stop - rows.start
-        if self.filled + count > self.buffer.shape[0]:
-            self.flush()
+        self._make_room()
         if self.filled == 0:
             self.first_row = rows.start
         slot = self.buffer[self.filled : self.filled + count]
         self.filled += count
+        self.staged_chunks += 1
         return slot
+
+    def _make_room(self) -> None:
+        """Flush when the pass being staged has all its chunks."""
+        if self.staged_chunks == self.passes[0]:
+            self.flush()
 
     def flush(self) -> None:
         if self.filled == 0:
@@ -189,7 +224,34 @@ class _StagedGradients:
                 torch.sum(logit_grad, 0, dtype=grads.bias.dtype, out=grads.bias)
             else:
                 grads.bias.add_(logit_grad.sum(0, dtype=grads.bias.dtype))
-        self.filled, self.overwrite = 0, False
+        self.filled, self.overwrite, self.staged_chunks = 0, False, 0
+        self.passes.pop(0)
+
+
+def staging_rows(policy: DevicePolicy, chunk_size: int, num_tokens: int, weight: Tensor, held_bytes: int,
+                 scratch_rows: int = 0) -> tuple[int, int]:  # fmt: skip
+    """``(rows of dZ per dW pass, rows beyond them)`` of the dZ staging for ``weight``'s dtype: the rows beyond hold
+    one chunk of scratch logits spanning ``scratch_rows`` staging rows each, the chunk's own dZ slot among them
+    (``_StagedGradients.logits_scratch``); ``held_bytes``: the call's other working buffers."""
+    chunk = min(chunk_size, num_tokens)
+    if chunk == 0:
+        return 0, 0
+    staging = policy.staging_dtype(weight.dtype, accumulation_dtype(weight.dtype))
+    row_bytes = policy.row_stride(weight.shape[0]) * staging.itemsize
+    extra = chunk * max(scratch_rows - 1, 0)
+    return policy.stage_rows(chunk, num_tokens, row_bytes, held_bytes + extra * row_bytes), extra
+
+
+def _scratch_rows(policy: DevicePolicy, vocab: int, weight_dtype: torch.dtype, logits_dtype: torch.dtype) -> int:
+    """Staging rows one row of ``logits_dtype`` logits spans in the dZ staging (``_StagedGradients.logits_scratch``):
+    1 (fp32 staging) or 2 (bf16/fp16 staging under fp32 logits); 0 where the padded stride cannot be split so."""
+    staging = policy.staging_dtype(weight_dtype, accumulation_dtype(weight_dtype))
+    ratio, remainder = divmod(logits_dtype.itemsize, staging.itemsize)
+    return ratio if remainder == 0 and policy.row_stride(vocab) % ratio == 0 else 0
+
+
+def _nbytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _needs_dz_scale(weight: Tensor) -> bool:
@@ -212,8 +274,11 @@ def _power_of_two_scale(*values: Tensor) -> Tensor:
 
 
 def _same_layout(buffer: Tensor) -> Tensor:
-    """An uninitialised tensor with ``buffer``'s shape and (padded) strides (``empty_like`` would drop the padding)."""
-    return torch.empty_strided(buffer.shape, buffer.stride(), dtype=buffer.dtype, device=buffer.device)
+    """An uninitialised ``[rows, V]`` view like ``buffer`` (a ``DevicePolicy.row_buffer``): its padded row stride, the
+    last row's padding included, so kernels may read every row up to the stride (``kernels.launch.readable_width``;
+    ``empty_like`` would drop the padding, ``empty_strided`` the last row's)."""
+    rows, vocab = buffer.shape
+    return buffer.new_empty(rows, buffer.stride(0))[:, :vocab]
 
 
 def _scaled(accumulator: Tensor | None, scale: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -253,13 +318,22 @@ class _HiddenTeacher:
     def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
         self.hidden, self.weight, self.bias = hidden, weight, bias  # [N, Ht], [V, Ht], [V]
 
-    def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor) -> RowOutputs:
-        """The call's ``RowOutputs`` and this teacher's per-chunk scratch (``like``: the student's logits buffer)."""
-        self.buffer = _same_layout(like)
+    def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor, staging: bool) -> RowOutputs:
+        """The call's ``RowOutputs`` and this teacher's per-chunk scratch (``like``: the student's logits buffer).
+        ``staging``: the dZ staging can hold logits (``self.staged``, set once it exists); in top-K mode they live
+        there, not in a buffer of their own (dead once ``teacher_row_stats`` has read them, before ``logit_grad``
+        writes the chunk's dZ; full-vocabulary mode's ``logit_grad`` reads them)."""
+        # the dtype of the logits in the staging (``_StagedGradients.logits_scratch``); None: in ``self.buffer``
+        self.staged_logits = like.dtype if staging and topk > 0 else None
+        self.staged: _StagedGradients | None = None
+        self.buffer = None if self.staged_logits is not None else _same_layout(like)
         # per-chunk scratch of the statistics the row loss consumes (the [N]-sized results go to the outputs)
         self.student_topk, self.teacher_topk = (like.new_empty(buffer_rows, topk) for _ in range(2))
         self.student_target, self.teacher_target = (like.new_empty(buffer_rows) for _ in range(2))
-        return RowOutputs.allocate(num_tokens, topk, like.dtype, like.device)
+        outputs = RowOutputs.allocate(num_tokens, topk, like.dtype, like.device)
+        scratch = (self.buffer, self.student_topk, self.teacher_topk, self.student_target, self.teacher_target)
+        self.allocated_bytes = _nbytes(*outputs, *scratch)
+        return outputs
 
     def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, chunk_out: RowOutputs,
                     targets: Tensor | None, on_load: dict) -> _ChunkStats:  # fmt: skip
@@ -270,7 +344,10 @@ class _HiddenTeacher:
             zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target),
             entropy=chunk_out.entropy, **on_load,
         )  # fmt: skip
-        zt = self.buffer[:count]
+        if self.staged_logits is None:
+            zt = self.buffer[:count]
+        else:
+            zt = self.staged.logits_scratch(count, self.staged_logits)
         _logits_into(zt, self.hidden[rows], self.weight, self.bias, options)
         t_topk, t_target = self.teacher_topk[:count], self.teacher_target[:count]
         row_ops.teacher_row_stats(
@@ -285,7 +362,7 @@ class _HiddenTeacher:
         return _ChunkStats(s_topk, t_topk, s_target, t_target, None)
 
     def release(self) -> None:
-        del self.buffer
+        self.buffer = self.staged = None
 
     def saved(self) -> tuple[Tensor, Tensor, Tensor | None]:
         return self.hidden, self.weight, self.bias
@@ -300,12 +377,16 @@ class _TopKLogprobTeacher:
     def __init__(self, logprobs: Tensor, ids: Tensor):
         self.logprobs, self.ids = logprobs, ids  # [N, K] fp32, [N, K] int64 distinct per row
 
-    def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor) -> RowOutputs:
+    def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor, staging: bool) -> RowOutputs:
         self.student_topk = like.new_empty(buffer_rows, topk)
         self.student_target = like.new_empty(buffer_rows)
         outputs = RowOutputs.allocate(num_tokens, topk, like.dtype, like.device, topk_index=self.ids)
         # t = logprob - 0; the teacher's "target logit" reads the same zeros (its log-prob there is unknown: 0)
         outputs.teacher_lse.zero_()
+        # the log-probs and ids too: the entry point hands over sanitised copies of the server's (teacher_topk.py)
+        allocated = [t for t in outputs if t is not self.ids]
+        self.allocated_bytes = _nbytes(*allocated, self.student_topk, self.student_target, self.logprobs, self.ids)
+        self.staged_logits = None  # no logits of its own
         return outputs
 
     def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, chunk_out: RowOutputs,
@@ -361,11 +442,16 @@ def _fused_forward(
     dtype = accumulation_dtype(student_hidden.dtype)
     buffer_rows = min(chunk, num_tokens)
     student_buffer = options.policy.row_buffer(buffer_rows, vocab, dtype, device)
-    outputs = teacher.allocate(num_tokens, buffer_rows, options.topk or 0, student_buffer)
+    staging_holds_logits = form_grad_now and _scratch_rows(options.policy, vocab, student_weight.dtype, dtype) > 0
+    outputs = teacher.allocate(num_tokens, buffer_rows, options.topk or 0, student_buffer, staging_holds_logits)
     grads, staged, grad_row_scale = None, None, None
     if form_grad_now:
         grads = _Gradients.allocate(needs_grad, student_hidden, student_weight, zero=False)
-        staged = _StagedGradients(grads, student_hidden, student_weight, options, overwrite=True)
+        held = _nbytes(student_buffer) + teacher.allocated_bytes
+        staged = _StagedGradients(
+            grads, student_hidden, student_weight, options, held, overwrite=True, scratch_dtype=teacher.staged_logits
+        )
+        teacher.staged = staged
         if _needs_dz_scale(student_weight):
             grads.scale = _power_of_two_scale(row_weight)
             grad_row_scale = row_weight.new_empty(buffer_rows)
@@ -430,8 +516,9 @@ def _fused_forward(
     )
 
 
-def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tensor | None):
-    """The backward of both Functions: ``(d student_hidden, d student_weight, d student_bias)``."""
+def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tensor | None, recompute_pass=None):
+    """The backward of both Functions: ``(d student_hidden, d student_weight, d student_bias)``. ``recompute_pass``:
+    ``_recompute_pass`` or a stand-in with its signature (``sdpo_ops.compiled_op``: the same pass as a custom op)."""
     saved = _SavedForBackward(*ctx.saved_tensors)
     student_hidden, student_weight = saved.student_hidden, saved.student_weight
     needs_grad = tuple(ctx.needs_input_grad[:3])
@@ -461,7 +548,7 @@ def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tens
                     accumulator.mul_(fold.to(accumulator.dtype))
         # a new record, not an attribute write: torch.compile traces backward and refuses side effects in it
         grads = replace(grads, scale=dz_scale)
-        _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, target_scale)
+        (recompute_pass or _recompute_pass)(ctx.row_ops, ctx.options, grads, saved, loss_scale, target_scale)
         upstream = None if dz_scale is None else 1.0 / dz_scale
     if grads is None:
         grads = _Gradients(None, None, None)
@@ -580,7 +667,8 @@ def _recompute_pass(
         loss_scale = torch.zeros(num_tokens, dtype=dtype, device=device)
     if target_scale is not None:
         target_scale = target_scale.to(dtype)
-    staged = _StagedGradients(grads, student_hidden, student_weight, options)
+    held = _nbytes(student_buffer, teacher_buffer, loss_scale, target_scale, *saved[7:])  # + the per-row results
+    staged = _StagedGradients(grads, student_hidden, student_weight, options, held)
     for start in range(0, num_tokens, chunk):
         rows = slice(start, min(start + chunk, num_tokens))
         zs = student_buffer[: rows.stop - rows.start]

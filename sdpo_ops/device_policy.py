@@ -43,7 +43,10 @@ class DevicePolicy:
         the whole ``[V, H]`` weight each chunk and writes an fp32 ``[C, V]``); chunks grow past ``chunk_bytes`` to
         reach it, up to ``max_intensity_rows``. 0: bytes alone.
     max_intensity_rows: the most rows the intensity target may ask for (small H never reaches it: H/2 FLOP/B).
-    dw_stage_rows: rows of dZ staged per dW accumulator pass (rounded up to whole chunks).
+    working_bytes: what the chunk buffers, the dZ staging and the per-row results of one call may hold together
+        (KERNELS.md's extra memory, the gradients aside); the staging takes what the rest leaves (``stage_rows``).
+    dw_stage_rows: at most this many rows of dZ per dW accumulator pass (rounded up to whole chunks); None: as many
+        as ``working_bytes`` holds.
     fp32_output_mm: bf16/fp16 operands multiply into fp32 outputs (logits, the dW accumulator) and dZ is staged
         in the GEMM dtype; else the logits are cast from a GEMM-dtype product and dZ is staged in fp32.
     row_stride_multiple: the ``[C, V]`` buffers' row stride is a multiple of this many elements (cuBLAS leading
@@ -55,7 +58,8 @@ class DevicePolicy:
     chunk_bytes: int
     min_gemm_intensity: float
     max_intensity_rows: int
-    dw_stage_rows: int
+    working_bytes: int
+    dw_stage_rows: int | None
     fp32_output_mm: bool
     row_stride_multiple: int
     triton_by_default: bool
@@ -64,15 +68,26 @@ class DevicePolicy:
         """Rows per chunk: what ``chunk_bytes`` allows, raised to the GEMM's intensity target, at most the call's."""
         rows = self.chunk_bytes // (4 * vocab)
         wanted = _rows_for_intensity(self.min_gemm_intensity, vocab, hidden_size)
-        if wanted is not None:
+        if wanted is not None:  # rounded up: rounding down would fall under the target (V=262144: 368 rows, 312 FLOP/B)
+            wanted = -(-wanted // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
             rows = max(rows, min(wanted, self.max_intensity_rows))
         if rows >= CHUNK_ROW_MULTIPLE:
             rows -= rows % CHUNK_ROW_MULTIPLE
         return max(1, min(num_tokens, rows))
 
-    def stage_rows(self, chunk_size: int, num_tokens: int) -> int:
-        """Whole chunks of dZ per dW pass: at least ``dw_stage_rows``, at most the call's rows."""
-        return min(-(-self.dw_stage_rows // chunk_size) * chunk_size, -(-num_tokens // chunk_size) * chunk_size)
+    def stage_rows(self, chunk_size: int, num_tokens: int, row_bytes: int, held_bytes: int) -> int:
+        """Rows of dZ per dW pass, in whole chunks: the fewest passes that cover the call with the chunks that
+        ``working_bytes`` holds beside ``held_bytes`` (at least one, at most ``dw_stage_rows`` rounded up), spread
+        evenly over the passes (ceil(chunks / passes) each: no small last pass, where the accumulator's
+        read-modify-write would cost the same as a full pass's). ``row_bytes``: one staged row."""
+        chunks = -(-num_tokens // chunk_size)
+        if chunks == 0:
+            return 0
+        fit = max(1, (self.working_bytes - held_bytes) // (row_bytes * chunk_size))
+        if self.dw_stage_rows is not None:
+            fit = min(fit, -(-self.dw_stage_rows // chunk_size))
+        passes = -(-chunks // fit)
+        return -(-chunks // passes) * chunk_size
 
     def multiplies_into_fp32(self, operand: Tensor) -> bool:
         """Whether a GEMM on ``operand`` (and a same-dtype partner) writes fp32 directly (no rounded product)."""
@@ -83,10 +98,27 @@ class DevicePolicy:
         reduced = weight_dtype in (torch.float16, torch.bfloat16)
         return weight_dtype if self.fp32_output_mm and reduced and _HAS_MM_OUT_DTYPE else accumulate
 
+    def row_stride(self, vocab: int) -> int:
+        """Elements per row of a ``[C, V]`` buffer: ``vocab`` padded to ``row_stride_multiple``."""
+        return -(-vocab // self.row_stride_multiple) * self.row_stride_multiple
+
     def row_buffer(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialised ``[rows, vocab]`` view whose row stride is padded to ``row_stride_multiple``."""
-        stride = -(-vocab // self.row_stride_multiple) * self.row_stride_multiple
-        return torch.empty(rows, stride, dtype=dtype, device=device)[:, :vocab]
+        return torch.empty(rows, self.row_stride(vocab), dtype=dtype, device=device)[:, :vocab]
+
+    def __fx_repr__(self) -> tuple[str, dict[str, type]]:
+        """Source that rebuilds this policy in a traced graph (an opaque value of ``sdpo_ops.compiled_op``'s ops)."""
+        return repr(self), {"DevicePolicy": DevicePolicy}
+
+
+def dw_pass_chunks(chunks: int, per_pass: int) -> list[int]:
+    """Chunks of dZ in each dW pass: the fewest passes of at most ``per_pass`` chunks, as even as whole chunks allow
+    (each takes ceil(chunks left / passes left): sizes differ by one chunk at most, the larger first)."""
+    passes = -(-chunks // max(per_pass, 1))
+    sizes = []
+    for left in range(passes, 0, -1):
+        sizes.append(-(-(chunks - sum(sizes)) // left))
+    return sizes
 
 
 def _rows_for_intensity(target: float, vocab: int, hidden_size: int) -> int | None:
@@ -101,19 +133,28 @@ def _rows_for_intensity(target: float, vocab: int, hidden_size: int) -> int | No
 
 
 # H100: the ridge of the logits GEMM is ~255 FLOP/B (728 TFLOP/s measured for cuBLAS at this shape over 2.85 TB/s
-# achievable HBM); 320 keeps 25% above it. At H=4096 that is C >= 380 at V=151936 (the 224 MiB budget's 384 rows
-# already) and at V=262144 (where 224 MiB alone gives 224 rows: 202 FLOP/B). Small H (896) cannot reach it:
-# capped at 512 rows. dZ staging: a pass over the fp32 [V, H] accumulator (~5 GB read+write at V=151936,
-# H=4096, ~1.5 ms) costs the same whatever the row count, the GEMM 2*R*V*H FLOP: R >= ~1300 rows keeps it
-# compute-bound, and every pass saved is ~1.7 ms of accumulator traffic at N=8192 (issue 17, item 8): 1920 rows (5
-# chunks of 384) is the most the 1 GiB working budget holds at V=151936: two fp32 [384, V] buffers (467 MB) + the
-# bf16 staging (583 MB) + per-row results (14 MB) = 1064 MB; 3072 rows would need 1.42 GB.
+# achievable HBM; 295 at the datasheet's 989 TFLOP/s over 3.35 TB/s); 320 keeps 25% above the first. At H=4096 that
+# is C = 384 at V=151936 (the 224 MiB budget's rows already: 323 FLOP/B) and at V=262144 (224 MiB alone gives 224
+# rows: 202 FLOP/B). Small H (896) cannot reach it: capped at 512 rows.
+# V=262144 (Gemma, issue 17 item 6): 384 rows, not 512. The 1 GiB working budget binds there: an fp32 logits row is
+# 1 MiB, so C=512 puts 1 GiB in the student's and the teacher's logits alone and leaves dW one 512-row chunk per
+# pass (16 passes at N=8192, each an 8.6 GB read-modify-write of the fp32 [V, H] accumulator: the cost model's
+# central estimate 1.57x the 4-GEMM floor); C=384 leaves 2 chunks (768 rows) per pass, 11 passes (1.43x); bytes
+# alone (C=224) would fall under the ridge.
+# dZ staging: a pass over the fp32 [V, H] accumulator (~5 GB read+write at V=151936, H=4096, ~1.7 ms) costs the
+# same whatever the row count, the GEMM 2*R*V*H FLOP: R >= ~1300 rows keeps it compute-bound, and every pass
+# saved is ~1.7 ms of accumulator traffic (issue 17, item 8). The staging takes what the working budget leaves:
+# at the SPEC shape (N=8192, K=100, top-K mode) the student's fp32 [384, V] logits (233 MB), the per-row results
+# (11 MB) and the staging itself, 6 chunks of dZ (2304 rows) plus one chunk for the teacher's logits (817 MB): 1064
+# MB, 4 passes (6, 6, 5, 5 chunks) where a fixed 1920 rows gave 5 (1920 x 4 + 512). 3 passes would need C <= 251
+# rows (under the ridge). 8 MiB of the budget stays for the caller's per-token inputs (row weights, target ids).
 CUDA_POLICY = DevicePolicy(
     name="cuda",
     chunk_bytes=224 * 2**20,
     min_gemm_intensity=320.0,
     max_intensity_rows=512,
-    dw_stage_rows=1920,
+    working_bytes=2**30 - 8 * 2**20,
+    dw_stage_rows=None,
     fp32_output_mm=True,
     row_stride_multiple=16,
     triton_by_default=True,
@@ -124,6 +165,7 @@ CPU_POLICY = DevicePolicy(
     chunk_bytes=32 * 2**20,
     min_gemm_intensity=0.0,
     max_intensity_rows=0,
+    working_bytes=2**30 - 8 * 2**20,
     dw_stage_rows=1,
     fp32_output_mm=False,
     row_stride_multiple=1,

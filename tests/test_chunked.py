@@ -478,8 +478,8 @@ def test_second_backward_of_a_retained_graph_recomputes_what_the_first_handed_ov
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.interpret)])
 def test_dz_staged_over_several_chunks_per_dw_pass(backend):
-    # CUDA stages >= 1920 rows (several chunks) per dW pass, CPU one chunk: make the CPU stage 3 chunks of 2 rows,
-    # with a last, partial pass, so the staging that runs on GPUs is checked against the reference here
+    # CUDA stages several chunks per dW pass (2304 rows at the SPEC shape), CPU one: make the CPU stage 3 chunks of 2
+    # rows, with a last, partial pass, so the staging that runs on GPUs is checked against the reference here
     policy = replace(CPU_POLICY, dw_stage_rows=5)
     hidden, weight, teacher_hidden, teacher_weight, target_ids = _small_inputs(seed=7, shape=(9,))
     bias = torch.randn(weight.shape[0])
@@ -491,7 +491,7 @@ def test_dz_staged_over_several_chunks_per_dw_pass(backend):
                              target_ids=target_ids, topk=4, backend=name, chunk_size=2)  # fmt: skip
         loss.backward()
         grads[name] = [leaf.grad for leaf in leaves]
-    assert policy.stage_rows(2, 9) == 6
+    assert policy.stage_rows(2, 9, row_bytes=weight.shape[0] * 4, held_bytes=0) == 6
     for actual, expected in zip(grads[backend], grads["reference"], strict=True):
         torch.testing.assert_close(actual, expected, **ELEMENTWISE[torch.float32])
 

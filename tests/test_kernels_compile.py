@@ -66,9 +66,14 @@ def test_student_row_stats_keeps_two_ctas_per_sm_at_k256(report):
 
 
 def test_streaming_kernels_move_rows_in_128_bit_accesses(report):
-    # a kernel that takes the row width V streams [C, V] rows: each must have row accesses, all 128-bit
+    # a kernel that takes the row width V streams [C, V] rows: each must have row accesses, all 128-bit; at an odd
+    # V too (the host pads the row stride to 16 elements and the kernels mask their accesses at that width)
     streaming = [result for result in report["results"] if "V" in result["signature"]]
     assert streaming
+    odd_modes = {mode for mode, vocab in report["vocab"].items() if vocab % 16}
+    assert odd_modes, "no mode at an odd vocabulary was traced"
+    at_odd_vocab = {result["kernel"] for result in streaming if odd_modes & set(result["modes"])}
+    assert at_odd_vocab >= {"_student_row_stats_kernel", "_teacher_row_stats_kernel", "_logit_grad_kernel"}
     for result in streaming:
         loads = [access for access in result["row_accesses"] if access["kind"] == "load"]
         assert loads, f"no row load found in {_describe(result)}"

@@ -18,6 +18,7 @@ from tolerances import ELEMENTWISE
 
 from sdpo_ops import row_ops as torch_ops
 from sdpo_ops.kernels import row_ops as triton_ops
+from sdpo_ops.kernels.launch import readable_width
 from sdpo_ops.reference import entropy_of, generalized_jsd
 from sdpo_ops.row_outputs import RowOutputs
 
@@ -210,6 +211,72 @@ def test_student_topk_ties_k_equals_v_and_inf(path):
     _assert_close(entropy, _fp64_entropy(logits))
 
 
+def _survivor_merges(row: torch.Tensor, K: int, sub: int, group: int, batch: int) -> list[int]:
+    """Batches per merge of pass 2's survivors, simulated from the kernel's docstring: which path a row takes.
+
+    Keys order by (value, lower column); the threshold starts at the K-th largest sub-block maximum (any column)
+    and rises to the K-th largest survivor after each merge; a merge runs once ``batch`` survivors wait, and at the
+    end."""
+    values = row.tolist()
+    maxima = [max(values[start : start + sub]) for start in range(0, len(values), sub)]
+    candidates = sorted(range(len(maxima)), key=lambda b: (-maxima[b], b))[:K]
+    threshold = (maxima[candidates[-1]], -math.inf) if len(maxima) >= K else None
+    merges, waiting, merged = [], 0, []
+    for first in range(0, len(candidates), group):
+        for block in candidates[first : first + group]:
+            for col in range(block * sub, min((block + 1) * sub, len(values))):
+                if threshold is None or (values[col], -col) >= threshold:
+                    waiting += 1
+                    merged.append((values[col], -col))
+        if waiting >= batch:
+            merges.append(-(-waiting // batch))
+            waiting = 0
+            if len(merged) >= K:
+                threshold = sorted(merged, reverse=True)[K - 1]
+    return [*merges, -(-waiting // batch)]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "case, merges",
+    [
+        ("all equal", [1, 0]),  # the first group fills a batch; the raised threshold drops every later key
+        ("equal maxima, two batches", [2, 0]),  # 63 survivors wait, the next group brings 64 more
+        ("a later group beats the raised threshold", [1, 1]),  # column 0 ties the K-th value, in the second group
+        ("ties and -inf", None),
+    ],
+)
+def test_student_topk_survivor_merges(case, merges):
+    # block_v=64 on the interpreter: SUB=8, 8 blocks per group; K=20: K_PAD=32, batches of 64 keys
+    V, K, sub, group, batch = 192, 20, 8, 8, 64
+    gen = torch.Generator().manual_seed(3)
+    row = torch.zeros(V)
+    if case == "equal maxima, two batches":
+        row += 1.0
+        row[5] = 0.0  # the first group holds 63 keys at the threshold value
+    elif case == "a later group beats the raised threshold":
+        # blocks 1-8 (the first group): 10 and seven 5s; blocks 0 and 9-19: 5 at their first column (block 0 ranks
+        # ninth: a smaller maximum, the lowest id); the rest 0. The first merge keeps the 5s up to column 21, so
+        # the 5 at column 0 must still pass the threshold it raised.
+        row[sub : 9 * sub] = 5.0
+        row[sub : 9 * sub : sub] = 10.0
+        row[0 : 20 * sub : sub][[0, *range(9, 20)]] = 5.0
+    elif case == "ties and -inf":
+        row = torch.randint(0, 3, (V,), generator=gen).float()
+        row[torch.rand(V, generator=gen) < 0.5] = -math.inf
+    if merges is not None:
+        assert _survivor_merges(row, K, sub, group, batch) == merges
+    logits = torch.stack([row, row.flip(0)])
+    entropy = torch.empty(2)
+    lse, topk_logits, topk_index, _ = triton_ops.student_row_stats(logits, K, None, entropy=entropy, block_v=64)
+    for r in range(2):
+        order = sorted(range(V), key=lambda j: (-logits[r, j].item(), j))[:K]
+        assert topk_index[r].tolist() == order
+    torch.testing.assert_close(topk_logits, logits.gather(1, topk_index), rtol=0, atol=0)
+    _assert_close(lse, torch.logsumexp(logits.double(), -1).float())
+    _assert_close(entropy, _fp64_entropy(logits))
+
+
 def test_student_row_stats_rejects_bad_arguments():
     logits = torch.zeros(2, 10)
     with pytest.raises(ValueError, match="topk"):
@@ -388,6 +455,8 @@ def _row_loss_inputs(C, V, K, seed, *, full_vocab=False):
     outputs = RowOutputs.allocate(C, K, torch.float32, torch.device("cpu"))
     outputs.student_lse.copy_(s_lse)
     outputs.teacher_lse.copy_(t_lse)
+    # written by the student's row stats, not by row_loss: set, so that the twins compare values, not garbage
+    outputs.entropy.copy_(-(student.log_softmax(-1).exp() * student.log_softmax(-1)).nan_to_num().sum(-1))
     if full_vocab:
         torch_ops.full_vocab_divergence(
             student, teacher, s_lse, t_lse, 0.5, out=(outputs.divergence, outputs.dense_grad)
@@ -660,3 +729,51 @@ def test_row_kernels_on_cuda_at_a_real_shape():
             expected = torch_ops.logit_grad(*args, teacher_args, out=torch.empty(C, V, device="cuda"))
             torch.testing.assert_close(out, again, rtol=0, atol=0)  # deterministic, bit for bit
             _assert_close(out, expected.to(dtype), **({} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-5}))
+
+
+@pytest.mark.interpret
+def test_row_kernels_read_a_padded_row_stride_and_ignore_the_padding():
+    # the CUDA policy pads the [C, V] row stride to 16 elements (V=37: 48) and the kernels load up to it (128-bit
+    # accesses at an odd V): whatever the padding holds (NaN, inf) the results equal those of unpadded rows, and
+    # logit_grad writes zeros into out's padding
+    C, V, K, width = 5, 37, 4, 48
+    gen = torch.Generator().manual_seed(17)
+
+    def padded(values: torch.Tensor, fill: float) -> torch.Tensor:
+        buffer = torch.full((C, width), fill)
+        buffer[:, :V] = values
+        return buffer[:, :V]
+
+    student, teacher = _hard_logits(C, V, seed=17), torch.randn(C, V, generator=gen)
+    student_padded, teacher_padded = padded(student, math.nan), padded(teacher, math.inf)
+    assert readable_width(student_padded) == width and readable_width(student) == V
+    assert readable_width(torch.empty_strided((C, V), (width, 1))) == V  # the last row has no padding
+    targets = torch.randint(0, V, (C,), generator=gen)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+
+    entropy, entropy_padded = torch.empty(C), torch.empty(C)
+    stats = triton_ops.student_row_stats(student, K, targets, entropy=entropy, block_v=BLOCK_V)
+    stats_padded = triton_ops.student_row_stats(student_padded, K, targets, entropy=entropy_padded, block_v=BLOCK_V)
+    torch.testing.assert_close(stats_padded, stats, **exact)
+    torch.testing.assert_close(entropy_padded, entropy, **exact)
+    index = stats[2]
+    torch.testing.assert_close(
+        triton_ops.teacher_row_stats(teacher_padded, index, targets, block_v=BLOCK_V),
+        triton_ops.teacher_row_stats(teacher, index, targets, block_v=BLOCK_V),
+        **exact,
+    )
+    lse, teacher_lse = stats[0], torch.logsumexp(teacher, -1)
+    torch.testing.assert_close(
+        triton_ops.full_vocab_divergence(student_padded, teacher_padded, lse, teacher_lse, 0.5, block_v=BLOCK_V),
+        triton_ops.full_vocab_divergence(student, teacher, lse, teacher_lse, 0.5, block_v=BLOCK_V),
+        **exact,
+    )
+    ones = torch.ones(C)
+    args = (ones, torch.rand(C, generator=gen), torch.zeros(C, 0, dtype=torch.int64), torch.zeros(C, 0), None, None)
+    out_padded = padded(torch.full((C, V), 7.0), 7.0)
+    triton_ops.logit_grad(student_padded, lse, *args, 1.0, (teacher_padded, teacher_lse, 0.5), out=out_padded,
+                          block_v=BLOCK_V)  # fmt: skip
+    out = triton_ops.logit_grad(student, lse, *args, 1.0, (teacher, teacher_lse, 0.5), out=torch.empty(C, V),
+                                block_v=BLOCK_V)  # fmt: skip
+    torch.testing.assert_close(out_padded, out, **exact)
+    assert out_padded.as_strided((C, width), (width, 1))[:, V:].eq(0).all()

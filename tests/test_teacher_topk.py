@@ -27,7 +27,7 @@ from trl.trainer.utils import entropy_from_logits
 from bench.trace import trace
 from sdpo_ops import device_policy, sdpo_loss, sdpo_loss_from_teacher_topk
 from sdpo_ops.chunked import default_chunk_size
-from sdpo_ops.device_policy import CPU_POLICY, CUDA_POLICY
+from sdpo_ops.device_policy import CPU_POLICY
 
 FP64, FP32 = ELEMENTWISE[torch.float64], ELEMENTWISE[torch.float32]
 ROWS_PER_CHUNK = 3
@@ -464,7 +464,10 @@ def test_meta_trace_one_chunk_buffer_three_kernels_three_gemms():
     traced = trace(_meta_call())
     chunk = default_chunk_size(N, V, H, torch.device("meta"))
     chunks = -(-N // chunk)
-    stage_rows = -(-CUDA_POLICY.dw_stage_rows // chunk) * chunk
+    # no teacher logits: the budget holds 7 chunks of dZ per pass beside the student's buffer, and the 22 chunks take
+    # 4 passes of 6, 6, 5, 5 chunks (the staging holds 6)
+    assert traced.dw_pass_rows(V, H) == [2304, 2304, 1920, 1664]
+    stage_rows = 6 * chunk
     # one fp32 [C, V] buffer (no teacher buffer), the dZ staging, per-row results and the sanitised teacher inputs
     working = chunk * V * 4 + stage_rows * V * 2 + N * K * (8 + 4 + 4) + N * 12 * 4
     gradients = V * H * 4 + N * H * 2  # fp32 dW accumulator, bf16 dH

@@ -59,7 +59,7 @@ TRAINER_FP32_WEIGHT_UPDATE = {"rtol": 0.0, "atol": 2.5e-6}
 DDP_VS_ONE_PROCESS_LOG = {"rtol": 1e-6, "atol": 1e-10}
 DDP_VS_ONE_PROCESS_WEIGHT_UPDATE = {"rtol": 0.0, "atol": 6e-8}
 
-# QLoRA (tests/test_trl_qlora.py: NF4 base, LoRA on q/v, 2 SGD steps at lr 2.0, LoRA updates up to 0.51) trains in
+# QLoRA (tests/test_qlora.py: NF4 base, LoRA on q/v, 2 SGD steps at lr 2.0, LoRA updates up to 0.51) trains in
 # fp32 (4-bit weights have no float64). Measured by tests/scripts/measure_trainer_noise.py (qlora): TRL against TRL
 # with every weight of the fp32 model moved by one fp32 ulp before quantisation, two perturbation seeds: LoRA updates
 # 1.4e-6 absolute, logs 3.8e-6 relative (grad_norm); ours vs TRL 8.3e-7, 2.0e-6 (2-core AMD EPYC with AVX512-BF16,

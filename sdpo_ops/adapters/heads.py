@@ -156,6 +156,15 @@ def head_check_streams() -> Iterator[None]:
         yield
 
 
+def holds_quantized_weight(module: nn.Module | None) -> bool:
+    """Whether ``module``'s own ``weight`` is quantised: a bitsandbytes ``Params4bit`` (it carries a ``quant_state``,
+    whatever its storage dtype) or an integer matrix (8-bit)."""
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, Tensor):
+        return False
+    return not weight.dtype.is_floating_point or getattr(weight, "quant_state", None) is not None
+
+
 def refuse_quantized_head(model: nn.Module, head: nn.Module | None) -> None:
     """Raise ``ValueError`` if ``model``'s output embedding ``head`` holds a quantised weight (a bitsandbytes 4-bit
     ``Params4bit``, packed in any storage dtype, or an 8-bit integer matrix).
@@ -164,11 +173,9 @@ def refuse_quantized_head(model: nn.Module, head: nn.Module | None) -> None:
     matrix of the model's logits (4-bit: ``[V * H / 2, 1]`` packed bytes), and would fail deep in the loss with a
     shape error, or compute from the raw codes.
     """
-    weight = getattr(head, "weight", None)
-    if not isinstance(weight, Tensor):
+    if not holds_quantized_weight(head):
         return
-    if weight.dtype.is_floating_point and getattr(weight, "quant_state", None) is None:
-        return
+    weight = head.weight
     name = next((name for name, module in model.named_modules() if module is head), "the output embedding")
     raise ValueError(
         f"the lm_head of {type(model).__name__} (`{name}`, a {type(head).__module__}.{type(head).__name__} holding a "

@@ -31,6 +31,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from sdpo_ops.adapters.heads import holds_quantized_weight
+
 SyncOn = Literal["optimizer_step", "generation_batch"]
 
 
@@ -162,7 +164,7 @@ class EMATeacher:
 
     @contextmanager
     def forward_context(self) -> Iterator[nn.Module]:
-        """Route a forward of :attr:`model` to the teacher's weights, without gradient, in eval mode.
+        """Route a forward of :attr:`model` to the teacher's weights, without gradient, dropout off.
 
         Yields the model to call. In ``"copy"`` mode that is the frozen copy; in ``"shadow"`` mode it is the
         student with its trainable parameters replaced by the shadow ones and dropout off, restored on exit.
@@ -179,7 +181,7 @@ class EMATeacher:
                     originals.append((owner, leaf, owner._parameters[leaf]))
                     # Replace the entry, not the tensor's data: the student's own tensors stay untouched.
                     owner._parameters[leaf] = shadow
-                self.model.eval()
+                _eval_except_quantized_layers(self.model)
                 yield self.model
             finally:
                 for owner, leaf, original in reversed(originals):
@@ -215,3 +217,12 @@ class EMATeacher:
                 self.shadow[name].copy_(value)
         self.num_events = int(state["num_events"])
         self.num_updates = int(state["num_updates"])
+
+
+def _eval_except_quantized_layers(model: nn.Module) -> None:
+    """Eval mode (dropout off) for every module but the quantised linear layers, whose mode changes no value: in eval
+    mode without gradient bitsandbytes' CPU ``Linear4bit`` repacks its weight for inference, for good (on CPUs with
+    AVX512-BF16), and the student, whose weights these are in ``"shadow"`` mode, could then no longer train."""
+    for module in model.modules():
+        if not holds_quantized_weight(module):
+            module.training = False

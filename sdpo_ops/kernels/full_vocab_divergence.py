@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _on_load
-from sdpo_ops.kernels.launch import launch, runs_on_gpu
+from sdpo_ops.kernels.launch import launch, readable_width, runs_on_gpu
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 8)
@@ -83,6 +83,7 @@ def _full_vocab_divergence_kernel(
     divergence_ptr,
     grad_sum_ptr,
     V,
+    readable_v,
     alpha,
     log_one_minus_alpha,
     log_alpha,
@@ -108,9 +109,10 @@ def _full_vocab_divergence_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         in_row = cols < V
-        # lanes past V read -inf: p = q = 0 there, so their terms are 0
-        z = tl.load(student_row_ptr + cols * stride_student_v, mask=in_row, other=-float("inf")).to(tl.float32)
-        u = tl.load(teacher_row_ptr + cols * stride_teacher_v, mask=in_row, other=-float("inf")).to(tl.float32)
+        # lanes past V are -inf: p = q = 0 there, so their terms are 0 (loads masked at readable_v: 128-bit)
+        readable = cols < readable_v
+        z = tl.load(student_row_ptr + cols * stride_student_v, mask=readable, other=-float("inf")).to(tl.float32)
+        u = tl.load(teacher_row_ptr + cols * stride_teacher_v, mask=readable, other=-float("inf")).to(tl.float32)
         z = tl.where(in_row, _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
         u = tl.where(in_row, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
         term, grad = _gjsd_terms(z - student_lse, u - teacher_lse, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE)
@@ -186,6 +188,7 @@ def full_vocab_divergence(
         divergence_ptr=divergence,
         grad_sum_ptr=grad_sum,
         V=V,
+        readable_v=readable_width(student_logits, teacher_logits),
         pre_scale=float(pre_scale),
         softcap_bound=float(softcap_bound or 0.0),
         stride_student_c=student_logits.stride(0),

@@ -88,3 +88,28 @@ def check_row_output(name: str, out: torch.Tensor | None, logits: torch.Tensor) 
             f"{name} must be a contiguous floating [C] = [{rows}] tensor on {logits.device}, got "
             f"{tuple(out.shape)} {out.dtype} on {out.device}"
         )
+
+
+# Elements per 128-bit access group that a row mask must not split: Triton vectorises a masked access only where the
+# mask bound is divisible by 16 (its integer specialisation), so 16 covers every dtype up to 8 per 16 bytes.
+_MASK_MULTIPLE = 16
+
+
+def readable_width(*rows: torch.Tensor) -> int:
+    """How far along each row of the ``[C, V]`` tensors ``rows`` a kernel may load (and ``logit_grad`` store): V
+    rounded up to a multiple of 16 elements where every tensor's rows have memory that far (a row stride padded by
+    ``DevicePolicy.row_stride_multiple``), else V.
+
+    Row accesses masked at ``cols < V`` for an odd V are split into 32-bit (16-bit) ones, whatever the row alignment;
+    masked at this width they stay 128-bit, and the kernels discard the columns past V (``tl.where`` after the load,
+    zeros stored into the padding)."""
+    vocab = rows[0].shape[-1]
+    width = -(-vocab // _MASK_MULTIPLE) * _MASK_MULTIPLE
+    for tensor in rows:
+        count = tensor.shape[0]
+        if count == 0 or tensor.stride(-1) != 1 or tensor.stride(0) < width:
+            return vocab
+        last = tensor.storage_offset() + (count - 1) * tensor.stride(0) + width
+        if tensor.untyped_storage().nbytes() < last * tensor.element_size():
+            return vocab
+    return width

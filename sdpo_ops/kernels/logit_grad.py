@@ -31,7 +31,7 @@ from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _on_load
 from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, gjsd_launch_args
-from sdpo_ops.kernels.launch import launch, runs_on_gpu
+from sdpo_ops.kernels.launch import launch, readable_width, runs_on_gpu
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 8)
@@ -73,6 +73,7 @@ def _logit_grad_kernel(
     teacher_logits_ptr,
     teacher_lse_ptr,
     V,
+    readable_v,
     K,
     scale,
     pre_scale,
@@ -115,17 +116,20 @@ def _logit_grad_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         in_row = cols < V
-        z = tl.load(logits_row + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+        # masked at readable_v (a multiple of 16 where the rows are padded): 128-bit accesses; past V discarded
+        readable = cols < readable_v
+        z = tl.load(logits_row + cols, mask=readable, other=-float("inf")).to(tl.float32)
         z = tl.where(in_row, _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
         if HAS_TEACHER:
-            u = tl.load(teacher_row + cols, mask=in_row, other=-float("inf")).to(tl.float32)
+            u = tl.load(teacher_row + cols, mask=readable, other=-float("inf")).to(tl.float32)
             u = tl.where(in_row, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
         else:
             u = z
         dz = _dense_logit_grad(z, student_lse, dense_coef, u, teacher_lse, row_scale, alpha, log_one_minus_alpha,
                                log_alpha, HAS_TEACHER, ALPHA_MODE)  # fmt: skip
         dz = tl.where(live, _chain_to_raw(dz, z, scale, inv_softcap_bound, HAS_SOFTCAP), 0.0)
-        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=in_row)
+        dz = tl.where(in_row, dz, 0.0)  # zeros into the padding
+        tl.store(out_row + cols, dz.to(out_ptr.dtype.element_ty), mask=readable)
 
     tl.debug_barrier()
     offs_k = tl.arange(0, BLOCK_K)
@@ -193,7 +197,9 @@ def logit_grad(
         target_ids, target_scale: [C] (int64, fp32), or both None: the target log-prob term.
         scale: ``logit_scale / temperature``: dz/d(raw head output) without a softcap.
         teacher: ``(teacher_logits [C, V], teacher_lse [C], alpha)`` in full-vocabulary mode, else None.
-        out: [C, V] floating (fp32, or the GEMM dtype), written and returned.
+        out: [C, V] floating (fp32, or the GEMM dtype), written and returned; where the rows of every [C, V]
+            argument have memory up to the next multiple of 16 columns (a padded row stride:
+            ``kernels.launch.readable_width``), ``out``'s columns V up to it are written with zeros.
         pre_scale: multiplies the buffer on load: the part of the logit scale the chunk GEMM's epilogue did not apply.
         softcap_bound: ``softcap / temperature`` for a softcapped head: the buffer holds the pre-tanh values
             (``sdpo_ops.kernels.elementwise._softcapped``), the logits are ``bound * tanh(y)`` and the gradient gains
@@ -273,6 +279,7 @@ def logit_grad(
         teacher_logits_ptr=teacher_logits,
         teacher_lse_ptr=teacher_lse,
         V=V,
+        readable_v=readable_width(student_logits, out, teacher_logits),
         K=K,
         scale=float(scale),
         pre_scale=float(pre_scale),

@@ -16,22 +16,28 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
              >= max(K, 2)) of their packed keys: the candidates. Every top-K key lies in a candidate: an
              element e of any other block B is beaten by the max element of each of the K candidates
              (a larger value, or the same value in a lower block, hence a lower column).
-    pass 2   over the K candidate blocks only, GROUP at a time (a gathered [GROUP, SUB] tile): the top
-             K_PAD keys of the tile by a bitonic top-k network, merged into the running top-K_PAD (kept
-             descending) by one bitonic half-cleaner ``max(running, tile_ascending)`` and a
-             log2(K_PAD)-stage bitonic merge.
+    pass 2   over the K candidate blocks only, GROUP at a time (a gathered [GROUP, SUB] tile): the survivors, keys
+             at or above a threshold, have their columns compacted (cumsum positions) into a per-row scratch; once
+             BATCH = 2 K_PAD wait, and after the last group, they are merged into the running top-K_PAD (kept
+             descending) BATCH at a time: the batch's top K_PAD by a bitonic top-k network (ascending), one bitonic
+             half-cleaner ``max(running, batch_top)`` and a log2(K_PAD)-stage bitonic merge. The threshold starts
+             at the K-th largest block maximum (value only, any column; each candidate holds a value at least that
+             large, so a smaller one has K keys above it; with fewer blocks than K nothing is cut) and rises to the
+             K-th running key after each merge. ~K of the K * SUB keys survive typically: one merge per row; ties
+             at the threshold merge more (all-equal logits: the first group, then nothing passes).
     target   one load of ``z[target]``.
 
-The bitonic work touches K * SUB + NB_PAD keys per row instead of V (at V=151936, K=100, SUB=128:
-~15K instead of 152K). Written: ``lse [C]``; the first K of the running set unpacked to
-``topk_logits [C, K]`` (exact: the key is a bijection of the fp32 bits) and ``topk_index [C, K]``
-(int64), sorted by value descending; ``target_logit [C]``; ``entropy [C]`` when asked.
+The bitonic work touches ~K + NB_PAD keys per row instead of V (plus one threshold compare per candidate key:
+K * SUB). Written: ``lse [C]``; the first K of the running set unpacked to ``topk_logits [C, K]`` (exact: the key
+is a bijection of the fp32 bits) and ``topk_index [C, K]`` (int64), sorted by value descending; ``target_logit [C]``;
+``entropy [C]`` when asked.
 
 Tried first: one pass with the network on every BLOCK_V tile (no sub-block selection). Compiled for
 sm_90 with ptxas (no GPU here; estimates, not measurements) at BLOCK_V=2048, K_PAD=128, 8 warps, its
 tile loop is ~3,700 SASS instructions per thread, ~280K per row at V=151936: ~1.2 ms per 512-row chunk
-if issue-bound (~19 ms at N=8192). This two-pass form: ~300 per pass-1 tile, ~3,400 per pass-2 group
-(7 groups at K=100), ~50K per row: ~0.22 ms per 512-row chunk (the fp32 read alone is ~0.09 ms).
+if issue-bound (~19 ms at N=8192). Then the network over every candidate key (~3,360 per group, 7 groups):
+~47K per row. This form: ~269 per pass-1 tile, ~520 per pass-2 group, ~517 per merge: ~29K per row, 108
+registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_after.md``).
 The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
 differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
 """
@@ -44,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _entropy, _exp_terms, _on_load, _rescaled, _store_target_logit
-from sdpo_ops.kernels.launch import check_row_output, launch, runs_on_gpu
+from sdpo_ops.kernels.launch import check_row_output, launch, readable_width, runs_on_gpu
 
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
 _PACKED_MIN = tl.constexpr(-(2**63))
@@ -54,39 +60,46 @@ _CUDA_CONFIG = (2048, 16, 8)
 _INTERPRET_CONFIG = (64, 8, 1)
 # Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
 _MAX_BLOCKS = 4096
+# Pass 2 merges its survivors BATCH = this many times K_PAD at a time.
+_SURVIVOR_BATCH_PER_K_PAD = 2
 
 
 @triton.jit
-def _bitonic_merge(h, LOG_N: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
+def _bitonic_merge(h, zero, LOG_N: tl.constexpr, STAGE: tl.constexpr, ORDER: tl.constexpr):
     """Sort each bitonic run of ``2**STAGE`` elements of the ``[2] * LOG_N`` hypercube ``h``.
 
     ORDER 0: ascending, 1: descending, 2: alternating (run r ascending iff bit STAGE of its index is 0).
+    ``zero``: zeros shaped like ``h``, added to the position masks; where they are loaded in a loop (opaque to the
+    compiler), the masks are computed where used instead of hoisted out of the loop and kept live (registers).
     Compare-and-swaps are inlined (no nested jit calls): the interpreter pays per call.
     """
     # 0/1 per element: whether its run sorts descending (a constexpr for ORDER 0 and 1)
-    flip = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - STAGE - 1) + [2] + [1] * STAGE) if ORDER == 2 else ORDER
+    flip = tl.reshape(tl.arange(0, 2), [1] * (LOG_N - STAGE - 1) + [2] + [1] * STAGE) + zero if ORDER == 2 else ORDER
     # bits STAGE - 1, ..., 0, written as the axis they index (the last axis is bit 0)
     for axis in tl.static_range(LOG_N - STAGE, LOG_N):
         # the partner differs in this bit: (a + b) - self over the size-2 axis (int64 wrap-around cancels)
         partner = tl.sum(h, axis=axis, keep_dims=True) - h
-        is_right = tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (LOG_N - 1 - axis))
+        is_right = tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (LOG_N - 1 - axis)) + zero
         # the left element keeps the min where flip is 0, the max where flip is 1
         h = tl.where((h > partner) != (flip ^ is_right), partner, h)
     return h
 
 
 @triton.jit
-def _tile_topk(packed, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr, ORDER: tl.constexpr):
-    """Top ``2**LOG_K_PAD`` of ``packed [2**LOG_N]`` (a bitonic top-k network), ascending (ORDER 0) or not (1)."""
+def _tile_topk(packed, zero, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr, ORDER: tl.constexpr):
+    """Top ``2**LOG_K_PAD`` of ``packed [2**LOG_N]`` (a bitonic top-k network), ascending (ORDER 0) or not (1), and
+    ``zero`` (int32 zeros shaped like ``packed``, see ``_bitonic_merge``) reduced to its shape."""
     h = tl.reshape(packed, [2] * LOG_N)
+    zero = tl.reshape(zero, [2] * LOG_N)
     # sort runs of K_PAD, alternately ascending / descending
     for stage in tl.static_range(1, LOG_K_PAD + 1):
-        h = _bitonic_merge(h, LOG_N, stage, 2 if stage < LOG_N else ORDER)
+        h = _bitonic_merge(h, zero, LOG_N, stage, 2 if stage < LOG_N else ORDER)
     # halve: the max of an ascending run and the next (descending) one is the top half of both, bitonic
     for i in tl.static_range(LOG_K_PAD + 1, LOG_N + 1):
         h = tl.max(h, axis=LOG_N - i)
-        h = _bitonic_merge(h, LOG_N - i + LOG_K_PAD, LOG_K_PAD, 2 if i < LOG_N else ORDER)
-    return tl.reshape(h, [2**LOG_K_PAD])
+        zero = tl.max(zero, axis=LOG_N - i)
+        h = _bitonic_merge(h, zero, LOG_N - i + LOG_K_PAD, LOG_K_PAD, 2 if i < LOG_N else ORDER)
+    return tl.reshape(h, [2**LOG_K_PAD]), tl.reshape(zero, [2**LOG_K_PAD])
 
 
 @triton.jit
@@ -99,6 +112,34 @@ def _pack(z, cols, N):
 
 
 @triton.jit
+def _merged_top(running, keys, zero, LOG_N: tl.constexpr, LOG_K_PAD: tl.constexpr):
+    """The top ``2**LOG_K_PAD`` of ``running`` (descending) and ``keys [2**LOG_N]``, descending (``zero``: see
+    ``_bitonic_merge``)."""
+    top, zero = _tile_topk(keys, zero, LOG_N, LOG_K_PAD, 0)
+    # bitonic half-cleaner: running (descending) vs top (ascending) keeps the top K_PAD of both, bitonic
+    merged = tl.reshape(tl.maximum(running, top), [2] * LOG_K_PAD)
+    zero = tl.reshape(zero, [2] * LOG_K_PAD)
+    return tl.reshape(_bitonic_merge(merged, zero, LOG_K_PAD, LOG_K_PAD, 1), [2**LOG_K_PAD])
+
+
+@triton.jit
+def _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V, readable_v, pre_scale,
+                    softcap_bound, HAS_SOFTCAP: tl.constexpr, SUB: tl.constexpr, GROUP: tl.constexpr,
+                    NUM_GROUPS: tl.constexpr):  # fmt: skip
+    """The packed keys and the columns of candidate group ``g`` (``GROUP`` gathered sub-blocks, ``[GROUP * SUB]``
+    each); keys of no candidate (past ``num_candidates``) or past V are ``_PACKED_MIN``."""
+    blocks = tl.sum(tl.where(tl.arange(0, NUM_GROUPS)[:, None] == g, candidate_blocks, 0), axis=0)
+    is_candidate = g * GROUP + tl.arange(0, GROUP) < num_candidates
+    cols = blocks[:, None] * SUB + tl.arange(0, SUB)[None, :]
+    in_row = is_candidate[:, None] & (cols < V)
+    readable = is_candidate[:, None] & (cols < readable_v)
+    z = tl.load(row_ptr + cols * stride_logits_v, mask=readable, other=-float("inf")).to(tl.float32)
+    z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
+    packed = tl.where(in_row, _pack(z, cols, V), _PACKED_MIN)
+    return tl.reshape(packed, [GROUP * SUB]), tl.reshape(cols, [GROUP * SUB])
+
+
+@triton.jit
 def _student_row_stats_kernel(
     logits_ptr,
     target_ids_ptr,
@@ -108,7 +149,9 @@ def _student_row_stats_kernel(
     target_logit_ptr,
     entropy_ptr,
     block_max_ptr,
+    survivors_ptr,
     V,
+    readable_v,
     K,
     num_candidates,
     pre_scale,
@@ -129,6 +172,9 @@ def _student_row_stats_kernel(
     LOG_GATHER: tl.constexpr,
     K_PAD: tl.constexpr,
     LOG_K_PAD: tl.constexpr,
+    BATCH: tl.constexpr,
+    LOG_BATCH: tl.constexpr,
+    CAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
@@ -145,7 +191,7 @@ def _student_row_stats_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         in_row = cols < V
-        z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
+        z = tl.load(row_ptr + cols * stride_logits_v, mask=cols < readable_v, other=-float("inf")).to(tl.float32)
         z = tl.where(in_row, _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
 
         # shift 0 while a lane has seen only -inf (exp(-inf - -inf) would be NaN)
@@ -176,28 +222,44 @@ def _student_row_stats_kernel(
         written = offs_blocks < tl.cdiv(V, BLOCK_V) * TILE_BLOCKS
         block_max = tl.load(block_max_ptr + pid_n * NB_PAD + offs_blocks, mask=written, other=-float("inf"))
         block_keys = _pack(block_max, offs_blocks, NB_PAD)
-        candidates = _tile_topk(block_keys, LOG_NB_PAD, LOG_K_PAD, 1)
-        candidate_blocks = tl.reshape((NB_PAD - 1) - (candidates & 0xFFFFFFFF), [K_PAD // GROUP, GROUP])
-        group_ids = tl.arange(0, K_PAD // GROUP)[:, None]
-        offs_group = tl.arange(0, GROUP)
-        offs_sub = tl.arange(0, SUB)
+        candidates, _ = _tile_topk(block_keys, tl.zeros([NB_PAD], tl.int32), LOG_NB_PAD, LOG_K_PAD, 1)
+        candidate_blocks = tl.reshape(((NB_PAD - 1) - (candidates & 0xFFFFFFFF)).to(tl.int32), [K_PAD // GROUP, GROUP])
+        NUM_GROUPS: tl.constexpr = K_PAD // GROUP
+        num_groups = (num_candidates + GROUP - 1) // GROUP
+        survivors_row = survivors_ptr + pid_n * CAP
 
-        # pass 2: the first num_candidates = min(K, number of blocks) candidates, GROUP blocks at a time
-        running = tl.full([K_PAD], _PACKED_MIN, tl.int64)
-        for g in range(0, (num_candidates + GROUP - 1) // GROUP):
-            blocks = tl.sum(tl.where(group_ids == g, candidate_blocks, 0), axis=0)
-            is_candidate = g * GROUP + offs_group < num_candidates
-            cols = blocks[:, None] * SUB + offs_sub[None, :]
-            in_row = is_candidate[:, None] & (cols < V)
-            z = tl.load(row_ptr + cols * stride_logits_v, mask=in_row, other=-float("inf")).to(tl.float32)
-            z = _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP)
-            packed = tl.reshape(tl.where(in_row, _pack(z, cols, V), _PACKED_MIN), [GROUP * SUB])
-            tile_top = _tile_topk(packed, LOG_GATHER, LOG_K_PAD, 0)
-            # bitonic half-cleaner: running (descending) vs tile (ascending) keeps the top K_PAD of both
-            merged = tl.reshape(tl.maximum(running, tile_top), [2] * LOG_K_PAD)
-            running = tl.reshape(_bitonic_merge(merged, LOG_K_PAD, LOG_K_PAD, 1), [K_PAD])
-
+        # pass 2 (see the module docstring): the columns of the keys at or above the threshold are compacted into the
+        # row's scratch (CAP = BATCH + a group's keys: fewer than BATCH wait between merges) and merged BATCH at a time
         offs_k = tl.arange(0, K_PAD)
+        offs_batch = tl.arange(0, BATCH)
+        kth_max = tl.sum(tl.where(offs_k == num_candidates - 1, candidates, 0), axis=0)
+        threshold = tl.where(num_candidates < K, _PACKED_MIN + 1, (kth_max >> 32) << 32)
+        running = tl.full([K_PAD], _PACKED_MIN, tl.int64)
+        count = 0
+        for g in range(0, num_groups + 1):
+            if g < num_groups:
+                packed, group_cols = _candidate_keys(row_ptr, stride_logits_v, candidate_blocks, g, num_candidates, V,
+                                                     readable_v, pre_scale, softcap_bound, HAS_SOFTCAP, SUB, GROUP,
+                                                     NUM_GROUPS)  # fmt: skip
+                keep = packed >= threshold
+                keep_count = keep.to(tl.int32)
+                position = count + tl.cumsum(keep_count, axis=0) - keep_count
+                tl.store(survivors_row + position, group_cols, mask=keep)
+                count += tl.sum(keep_count, axis=0)
+            if (count >= BATCH) | (g == num_groups):
+                tl.debug_barrier()  # the survivors were written by other threads of this program
+                for start in range(0, count, BATCH):
+                    in_batch = start + offs_batch < count
+                    batch_cols = tl.load(survivors_row + start + offs_batch, mask=in_batch, other=0)
+                    z = tl.load(row_ptr + batch_cols * stride_logits_v, mask=in_batch, other=-float("inf"))
+                    z = _on_load(z.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP)
+                    batch = tl.where(in_batch, _pack(z, batch_cols, V), _PACKED_MIN)
+                    # batch_cols >> 31: zeros the compiler cannot see through (columns are < 2**31)
+                    running = _merged_top(running, batch, batch_cols >> 31, LOG_BATCH, LOG_K_PAD)
+                count = 0
+                threshold = tl.maximum(threshold, tl.sum(tl.where(offs_k == K - 1, running, 0), axis=0))
+                tl.debug_barrier()  # read before the next group's survivors overwrite them
+
         index = (V - 1) - (running & 0xFFFFFFFF)
         key = (running >> 32).to(tl.int32)
         value = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
@@ -281,8 +343,13 @@ def student_row_stats(
     lse, topk_logits, topk_index, target_logit = out
     if C == 0:
         return out
-    # per-row sub-block maxima of pass 1 (a few KB per row; pass 2 reads them back)
-    block_max_scratch = torch.empty(C if topk > 0 else 1, nb_pad, dtype=torch.float32, device=logits.device)
+    # per-row sub-block maxima of pass 1 and survivors of pass 2 (a few KB per row each)
+    scratch_rows = C if topk > 0 else 1
+    block_max_scratch = torch.empty(scratch_rows, nb_pad, dtype=torch.float32, device=logits.device)
+    batch = _SURVIVOR_BATCH_PER_K_PAD * k_pad
+    # fewer than a batch left over, and at most every key of a group
+    cap = batch + group * sub
+    survivors_scratch = torch.empty(scratch_rows, cap, dtype=torch.int32, device=logits.device)
 
     launch(
         _student_row_stats_kernel,
@@ -296,7 +363,9 @@ def student_row_stats(
         target_logit_ptr=target_logit,
         entropy_ptr=entropy if entropy is not None else lse,
         block_max_ptr=block_max_scratch,
+        survivors_ptr=survivors_scratch,
         V=V,
+        readable_v=readable_width(logits),
         K=topk,
         num_candidates=min(topk, num_blocks),
         pre_scale=float(pre_scale),
@@ -317,6 +386,9 @@ def student_row_stats(
         LOG_GATHER=(group * sub).bit_length() - 1,
         K_PAD=k_pad,
         LOG_K_PAD=k_pad.bit_length() - 1,
+        BATCH=batch,
+        LOG_BATCH=batch.bit_length() - 1,
+        CAP=cap,
         num_warps=num_warps,
     )
     return out

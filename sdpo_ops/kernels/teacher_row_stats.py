@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sdpo_ops.kernels.elementwise import _entropy, _exp_terms, _on_load, _rescaled, _store_target_logit
-from sdpo_ops.kernels.launch import check_row_output, launch, runs_on_gpu
+from sdpo_ops.kernels.launch import check_row_output, launch, readable_width, runs_on_gpu
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (4096, 8)
@@ -38,6 +38,7 @@ def _teacher_row_stats_kernel(
     target_logit_ptr,
     entropy_ptr,
     V,
+    readable_v,
     J,
     pre_scale,
     softcap_bound,
@@ -63,7 +64,7 @@ def _teacher_row_stats_kernel(
     t = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
-        u = tl.load(row_ptr + cols * stride_logits_v, mask=cols < V, other=-float("inf")).to(tl.float32)
+        u = tl.load(row_ptr + cols * stride_logits_v, mask=cols < readable_v, other=-float("inf")).to(tl.float32)
         u = tl.where(cols < V, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
         m_new = tl.maximum(m, tl.max(u, axis=0))
         shift = tl.where(m_new == -float("inf"), 0.0, m_new)
@@ -159,6 +160,7 @@ def teacher_row_stats(
         target_logit_ptr=target_logit,
         entropy_ptr=entropy if entropy is not None else lse,
         V=V,
+        readable_v=readable_width(logits),
         J=J,
         pre_scale=float(pre_scale),
         softcap_bound=float(softcap_bound or 0.0),

@@ -9,7 +9,7 @@
   float64 and the teacher's fp32 arithmetic is what remains. Measured: TRL against TRL with every served log-prob
   moved by one fp32 ulp (random sign).
 
-- ``qlora``: a bitsandbytes NF4 base with LoRA on q/v (test_trl_qlora.py) trains in fp32 (4-bit weights have no
+- ``qlora``: a bitsandbytes NF4 base with LoRA on q/v (test_qlora.py) trains in fp32 (4-bit weights have no
   float64). Measured: TRL against TRL with every weight of the fp32 model moved by one fp32 ulp (random sign) before
   it is quantised on load.
 
@@ -143,7 +143,7 @@ def server(root: Path, tokenizer) -> None:
 
 
 def qlora(root: Path, tokenizer) -> None:
-    import test_trl_qlora as qlora_test
+    import test_qlora as qlora_test
 
     model = make_model(len(tokenizer), hidden_size=64, intermediate_size=128, head_dim=16)
     model_dir = save_model(root / "qlora", tokenizer, model)

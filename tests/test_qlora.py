@@ -1,7 +1,9 @@
-"""QLoRA: ``sdpo_ops.adapters.trl.SDPOTrainer`` on a bitsandbytes NF4 base with LoRA on q/v, against TRL's trainer.
+"""QLoRA: ``sdpo_ops.adapters.trl.SDPOTrainer`` on a bitsandbytes NF4 base with LoRA on q/v, against TRL's trainer;
+the hand-written loop's EMA teacher on the same student.
 
-Code under test: the head check and head reading of ``sdpo_ops/adapters/trl_fused.py``, and ``heads.py``'s
-``head_check_streams`` and ``refuse_quantized_head`` (also reached through ``model_inputs.backbone_and_head``).
+Code under test: the head check and head reading of ``sdpo_ops/adapters/trl_fused.py``, ``heads.py``'s
+``head_check_streams``, ``holds_quantized_weight`` and ``refuse_quantized_head`` (also reached through
+``model_inputs.backbone_and_head``), and ``teacher.py``'s ``"shadow"`` forward.
 
 bitsandbytes' CPU backend runs the 4-bit layers here. Its ``Linear4bit`` repacks its weight for inference, for good,
 on the first forward that is in eval mode with an input without gradient, on CPUs with AVX512-BF16
@@ -32,6 +34,7 @@ from test_trl_adapter import ScheduledReward, _assert_same_training  # noqa: E40
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, set_seed  # noqa: E402
 from trl.experimental.sdpo import SDPOTrainer as TRLSDPOTrainer  # noqa: E402
 
+from sdpo_ops.adapters import EMATeacher  # noqa: E402
 from sdpo_ops.adapters.model_inputs import backbone_and_head  # noqa: E402
 from sdpo_ops.adapters.trl import SDPOTrainer  # noqa: E402
 
@@ -231,3 +234,30 @@ def test_a_quantized_lm_head_is_refused_at_construction(model_dir, tokenizer, tm
     # The hand-written loop's head helper (sdpo_step, head_inputs) refuses it alike.
     with pytest.raises(ValueError, match=r"`lm_head`.*quantised"):
         backbone_and_head(model)
+
+
+def test_plain_loop_shadow_teacher_leaves_the_qlora_student_trainable(model_dir):
+    """In ``"shadow"`` mode the EMA teacher runs the student itself with the shadow adapter: its forward turns dropout
+    off but must not put a 4-bit layer in bitsandbytes' repacking condition, and the student must train afterwards
+    with its base exactly as loaded."""
+    student = peft.get_peft_model(load_qlora_base(model_dir), peft.LoraConfig(**{**LORA, "lora_dropout": 0.1}))
+    causal_lm = student.base_model.model
+    student.train()
+    teacher = EMATeacher(student, mode="shadow")
+    before = quantized_base_state(causal_lm)
+    input_ids = torch.arange(1, 9).reshape(1, 8)
+
+    forwards = RepackingForwards(causal_lm)
+    with teacher.forward_context() as model:
+        dropouts = [module for module in model.modules() if isinstance(module, torch.nn.Dropout)]
+        assert dropouts and not any(module.training for module in dropouts)
+        model(input_ids=input_ids)
+    forwards.remove()
+    assert forwards.total > 0 and forwards.repacking == 0, f"{forwards.repacking} of {forwards.total} forwards"
+    assert all(module.training for module in student.modules())  # the student's modes are restored
+
+    loss = student(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    grads = [p.grad for name, p in student.named_parameters() if "lora_B" in name]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    assert_same_state(quantized_base_state(causal_lm), before)
