@@ -66,7 +66,7 @@ test-latest:
 # The oldest TRL the `trl` extra accepts (pyproject.toml), the one Unsloth pins (not run in CI): the tests that import
 # TRL, in a fresh venv with constraints.txt's versions except TRL's.
 TRL115_VENV := .venv-trl115
-TRL115_TESTS := tests/test_trl_*.py tests/test_adapters_*.py tests/test_teacher_topk.py tests/test_model_inputs.py \
+TRL115_TESTS := tests/test_trl_*.py tests/test_adapters_*.py tests/test_qlora.py tests/test_teacher_topk.py tests/test_model_inputs.py \
 	tests/test_docs.py tests/test_demo.py tests/test_demo_ttsd.py tests/test_example_code_sdpo.py
 test-trl115:
 	rm -rf $(TRL115_VENV)
