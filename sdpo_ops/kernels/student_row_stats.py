@@ -148,10 +148,15 @@ def _student_row_stats_kernel(
     topk_index_ptr,
     target_logit_ptr,
     entropy_ptr,
+    teacher_ptr,
+    teacher_lse_ptr,
+    teacher_topk_ptr,
+    teacher_target_ptr,
     block_max_ptr,
     survivors_ptr,
     V,
     readable_v,
+    teacher_readable_v,
     K,
     num_candidates,
     pre_scale,
@@ -160,10 +165,14 @@ def _student_row_stats_kernel(
     stride_logits_v,
     stride_topk_logits_c,
     stride_topk_index_c,
+    stride_teacher_c,
+    stride_teacher_v,
+    stride_teacher_topk_c,
     HAS_TOPK: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SUB: tl.constexpr,
     NB_PAD: tl.constexpr,
@@ -178,6 +187,7 @@ def _student_row_stats_kernel(
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
+    teacher_row_ptr = teacher_ptr + pid_n * stride_teacher_c
     offs_v = tl.arange(0, BLOCK_V)
     TILE_BLOCKS: tl.constexpr = BLOCK_V // SUB
 
@@ -187,6 +197,10 @@ def _student_row_stats_kernel(
     m = tl.full([BLOCK_V], -float("inf"), tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    # the teacher row's per-lane log-sum-exp (HAS_TEACHER; dead code otherwise): its bytes stream while the student's
+    # issue-bound work runs
+    m_teacher = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    s_teacher = tl.zeros([BLOCK_V], dtype=tl.float32)
     offs_tile_blocks = tl.arange(0, TILE_BLOCKS)
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
@@ -203,6 +217,14 @@ def _student_row_stats_kernel(
         t += e_log
         m = m_new
 
+        if HAS_TEACHER:
+            u = tl.load(teacher_row_ptr + cols * stride_teacher_v, mask=cols < teacher_readable_v, other=-float("inf"))
+            u = tl.where(in_row, _on_load(u.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
+            m_teacher_new = tl.maximum(m_teacher, u)
+            shift_teacher = tl.where(m_teacher_new == -float("inf"), 0.0, m_teacher_new)
+            s_teacher = s_teacher * tl.exp(m_teacher - shift_teacher) + tl.exp(u - shift_teacher)
+            m_teacher = m_teacher_new
+
         if HAS_TOPK:
             tile_max = tl.max(tl.reshape(z, [TILE_BLOCKS, SUB]), axis=1)
             tl.store(block_max_ptr + pid_n * NB_PAD + start // SUB + offs_tile_blocks, tile_max)
@@ -214,6 +236,11 @@ def _student_row_stats_kernel(
     tl.store(lse_ptr + pid_n, row_shift + tl.log(row_s))
     if HAS_ENTROPY:
         tl.store(entropy_ptr + pid_n, _entropy(row_s, tl.sum(t, axis=0)))
+    if HAS_TEACHER:
+        teacher_max = tl.max(m_teacher, axis=0)
+        teacher_shift = tl.where(teacher_max == -float("inf"), 0.0, teacher_max)
+        teacher_s = tl.sum(s_teacher * tl.exp(m_teacher - teacher_shift), axis=0)
+        tl.store(teacher_lse_ptr + pid_n, teacher_shift + tl.log(teacher_s))
 
     if HAS_TOPK:
         # the candidate blocks: the K_PAD largest maxima (ties: lower block), descending, [K_PAD // GROUP, GROUP]
@@ -265,9 +292,17 @@ def _student_row_stats_kernel(
         value = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
         tl.store(topk_logits_ptr + pid_n * stride_topk_logits_c + offs_k, value, mask=offs_k < K)
         tl.store(topk_index_ptr + pid_n * stride_topk_index_c + offs_k, index, mask=offs_k < K)
+        if HAS_TEACHER:
+            # the teacher at the student's top-K columns: K scattered reads, the columns still in registers
+            u = tl.load(teacher_row_ptr + index * stride_teacher_v, mask=offs_k < K, other=float("nan"))
+            u = _on_load(u.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP)
+            tl.store(teacher_topk_ptr + pid_n * stride_teacher_topk_c + offs_k, u, mask=offs_k < K)
 
     _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V, pre_scale, softcap_bound,
                         HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
+    if HAS_TEACHER:
+        _store_target_logit(teacher_row_ptr, stride_teacher_v, target_ids_ptr, teacher_target_ptr, pid_n, V, pre_scale,
+                            softcap_bound, HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
 
 
 def student_row_stats(
@@ -279,9 +314,12 @@ def student_row_stats(
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
     entropy: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    teacher_out: tuple[Tensor, Tensor, Tensor] | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Log-sum-exp, top-K and target logit per row of the student's logits (Triton).
+    """Log-sum-exp, top-K and target logit per row of the student's logits (Triton); with ``teacher_logits``, the
+    teacher's statistics too (``teacher_row_stats`` at the student's top-K, fused into the same launch).
 
     Same contract as ``sdpo_ops.row_ops.student_row_stats``; the top-K comes sorted by value (descending,
     ties to the lower column).
@@ -297,6 +335,10 @@ def student_row_stats(
             ``bound * tanh(logits)`` (see ``sdpo_ops.kernels.elementwise._softcapped``); None: of ``logits``.
         entropy: [C] fp32 to write each row's entropy into (``-sum p log p`` of the softmax of the transformed
             logits), from the log-sum-exp's own pass; None: not computed.
+        teacher_logits: [C, V] (same transforms on load), streamed beside the student's row in pass 1 for its
+            log-sum-exp, then read at the student's top-K columns and the target; None: no teacher.
+        teacher_out: ``(teacher_lse [C], teacher_topk_logits [C, K], teacher_target_logit [C])`` to write into;
+            required with ``teacher_logits``.
         block_v: pass-1 tile width override (a power of two; raised to the top-K width), for tests and tuning.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``, fp32 except the index;
@@ -315,6 +357,9 @@ def student_row_stats(
         if target_ids.device != logits.device:
             raise ValueError(f"target_ids is on {target_ids.device}, logits on {logits.device}")
     check_row_output("entropy", entropy, logits)
+    has_teacher = teacher_logits is not None
+    if has_teacher:
+        _check_teacher(teacher_logits, teacher_out, logits, topk)
 
     k_pad = max(triton.next_power_of_2(topk), 2)
     default_block_v, tile_blocks, num_warps = _CUDA_CONFIG if runs_on_gpu(logits) else _INTERPRET_CONFIG
@@ -351,10 +396,13 @@ def student_row_stats(
     cap = batch + group * sub
     survivors_scratch = torch.empty(scratch_rows, cap, dtype=torch.int32, device=logits.device)
 
+    hbm_bytes = C * (V + min(topk, num_blocks) * sub) * logits.element_size() + C * (topk * 12 + 16)
+    if has_teacher:  # its row, the K + 1 gathered logits, and lse, top-K and target written
+        hbm_bytes += C * ((V + topk + 1) * teacher_logits.element_size() + topk * 4 + 8)
     launch(
         _student_row_stats_kernel,
         (C,),
-        hbm_bytes=C * (V + min(topk, num_blocks) * sub) * logits.element_size() + C * (topk * 12 + 16),
+        hbm_bytes=hbm_bytes,
         logits_ptr=logits,
         target_ids_ptr=target_ids if target_ids is not None else lse,
         lse_ptr=lse,
@@ -362,10 +410,15 @@ def student_row_stats(
         topk_index_ptr=topk_index,
         target_logit_ptr=target_logit,
         entropy_ptr=entropy if entropy is not None else lse,
+        teacher_ptr=teacher_logits if has_teacher else logits,
+        teacher_lse_ptr=teacher_out[0] if has_teacher else lse,
+        teacher_topk_ptr=teacher_out[1] if has_teacher else topk_logits,
+        teacher_target_ptr=teacher_out[2] if has_teacher else lse,
         block_max_ptr=block_max_scratch,
         survivors_ptr=survivors_scratch,
         V=V,
         readable_v=readable_width(logits),
+        teacher_readable_v=readable_width(teacher_logits) if has_teacher else 0,
         K=topk,
         num_candidates=min(topk, num_blocks),
         pre_scale=float(pre_scale),
@@ -374,10 +427,14 @@ def student_row_stats(
         stride_logits_v=logits.stride(1),
         stride_topk_logits_c=topk_logits.stride(0),
         stride_topk_index_c=topk_index.stride(0),
+        stride_teacher_c=teacher_logits.stride(0) if has_teacher else 0,
+        stride_teacher_v=teacher_logits.stride(1) if has_teacher else 1,
+        stride_teacher_topk_c=teacher_out[1].stride(0) if has_teacher else 0,
         HAS_TOPK=topk > 0,
         HAS_TARGET=target_ids is not None,
         HAS_SOFTCAP=softcap_bound is not None,
         HAS_ENTROPY=entropy is not None,
+        HAS_TEACHER=has_teacher,
         BLOCK_V=block_v,
         SUB=sub,
         NB_PAD=nb_pad,
@@ -392,3 +449,28 @@ def student_row_stats(
         num_warps=num_warps,
     )
     return out
+
+
+def _check_teacher(teacher_logits: Tensor, teacher_out: tuple[Tensor, ...] | None, logits: Tensor, topk: int) -> None:
+    """``teacher_logits`` like ``logits``; ``teacher_out``: the ``[C]``, ``[C, K]``, ``[C]`` fp32 written from it."""
+    if teacher_logits.shape != logits.shape or not teacher_logits.is_floating_point():
+        raise ValueError(
+            f"teacher_logits must be a floating {tuple(logits.shape)} tensor like logits, got "
+            f"{tuple(teacher_logits.shape)} {teacher_logits.dtype}"
+        )
+    if teacher_logits.device != logits.device:
+        raise ValueError(f"teacher_logits is on {teacher_logits.device}, logits on {logits.device}")
+    C = logits.shape[0]
+    shapes = ((C,), (C, topk), (C,))
+    if (
+        teacher_out is None
+        or len(teacher_out) != 3
+        or any(
+            t.shape != shape or t.dtype != torch.float32 or t.device != logits.device
+            for t, shape in zip(teacher_out, shapes, strict=True)
+        )
+    ):
+        raise ValueError(
+            f"teacher_out must be (teacher_lse [{C}], teacher_topk_logits [{C}, {topk}], teacher_target_logit [{C}]) "
+            "fp32 tensors on the logits' device with teacher_logits"
+        )
