@@ -58,6 +58,10 @@ _PACKED_MIN = tl.constexpr(-(2**63))
 # interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 16, 8)
 _INTERPRET_CONFIG = (64, 8, 1)
+# The teacher's per-lane log-sum-exp runs in base 2 from a finite floor (see the kernel).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_FLT_MAX_NEG = tl.constexpr(-3.4028234663852886e38)
 # Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
 _MAX_BLOCKS = 4096
 # Pass 2 merges its survivors BATCH = this many times K_PAD at a time.
@@ -197,10 +201,16 @@ def _student_row_stats_kernel(
     m = tl.full([BLOCK_V], -float("inf"), tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     t = tl.zeros([BLOCK_V], dtype=tl.float32)
-    # the teacher row's per-lane log-sum-exp (HAS_TEACHER; dead code otherwise): its bytes stream while the student's
-    # issue-bound work runs
-    m_teacher = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    # the teacher row's per-lane log-sum-exp (HAS_TEACHER; dead code otherwise), in base 2 (the transform's scale folds
+    # log2(e) in: no multiply per element), one exponential per element: its bytes stream while the student's
+    # issue-bound work runs. The running max starts at -FLT_MAX, not -inf: below every finite logit, and a -inf
+    # logit then gives exp2(-inf) = 0 instead of -inf - -inf = NaN, with no guard per element.
+    m_teacher = tl.full([BLOCK_V], _FLT_MAX_NEG, tl.float32)
     s_teacher = tl.zeros([BLOCK_V], dtype=tl.float32)
+    if HAS_SOFTCAP:
+        teacher_pre_scale, teacher_bound = pre_scale, softcap_bound * _LOG2E
+    else:
+        teacher_pre_scale, teacher_bound = pre_scale * _LOG2E, softcap_bound
     offs_tile_blocks = tl.arange(0, TILE_BLOCKS)
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
@@ -219,11 +229,13 @@ def _student_row_stats_kernel(
 
         if HAS_TEACHER:
             u = tl.load(teacher_row_ptr + cols * stride_teacher_v, mask=cols < teacher_readable_v, other=-float("inf"))
-            u = tl.where(in_row, _on_load(u.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
-            m_teacher_new = tl.maximum(m_teacher, u)
-            shift_teacher = tl.where(m_teacher_new == -float("inf"), 0.0, m_teacher_new)
-            s_teacher = s_teacher * tl.exp(m_teacher - shift_teacher) + tl.exp(u - shift_teacher)
-            m_teacher = m_teacher_new
+            u = _on_load(u.to(tl.float32), teacher_pre_scale, teacher_bound, HAS_SOFTCAP)  # times log2(e)
+            u = tl.where(in_row, u, -float("inf"))
+            # a larger u moves the lane's max to it (s scaled down, plus 1), else adds exp2(u - m)
+            above = u - m_teacher
+            e = tl.exp2(-tl.abs(above))
+            s_teacher = tl.where(above > 0.0, s_teacher * e + 1.0, s_teacher + e)
+            m_teacher = tl.maximum(m_teacher, u)
 
         if HAS_TOPK:
             tile_max = tl.max(tl.reshape(z, [TILE_BLOCKS, SUB]), axis=1)
@@ -238,9 +250,9 @@ def _student_row_stats_kernel(
         tl.store(entropy_ptr + pid_n, _entropy(row_s, tl.sum(t, axis=0)))
     if HAS_TEACHER:
         teacher_max = tl.max(m_teacher, axis=0)
-        teacher_shift = tl.where(teacher_max == -float("inf"), 0.0, teacher_max)
-        teacher_s = tl.sum(s_teacher * tl.exp(m_teacher - teacher_shift), axis=0)
-        tl.store(teacher_lse_ptr + pid_n, teacher_shift + tl.log(teacher_s))
+        teacher_s = tl.sum(s_teacher * tl.exp2(m_teacher - teacher_max), axis=0)
+        # back from base 2; a row of -inf only: -FLT_MAX + log2(0) = -inf
+        tl.store(teacher_lse_ptr + pid_n, (teacher_max + tl.log2(teacher_s)) * _LN2)
 
     if HAS_TOPK:
         # the candidate blocks: the K_PAD largest maxima (ties: lower block), descending, [K_PAD // GROUP, GROUP]
