@@ -62,6 +62,8 @@ _INTERPRET_CONFIG = (64, 8, 1)
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 _FLT_MAX_NEG = tl.constexpr(-3.4028234663852886e38)
+# Adjacent teacher logits per thread in pass 1: one 128-bit load of fp32.
+_TEACHER_VEC = 4
 # Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
 _MAX_BLOCKS = 4096
 # Pass 2 merges its survivors BATCH = this many times K_PAD at a time.
@@ -177,6 +179,7 @@ def _student_row_stats_kernel(
     HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
+    TEACHER_VEC: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SUB: tl.constexpr,
     NB_PAD: tl.constexpr,
@@ -201,12 +204,14 @@ def _student_row_stats_kernel(
     m = tl.full([BLOCK_V], -float("inf"), tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     t = tl.zeros([BLOCK_V], dtype=tl.float32)
-    # the teacher row's per-lane log-sum-exp (HAS_TEACHER; dead code otherwise), in base 2 (the transform's scale folds
-    # log2(e) in: no multiply per element), one exponential per element: its bytes stream while the student's
-    # issue-bound work runs. The running max starts at -FLT_MAX, not -inf: below every finite logit, and a -inf
-    # logit then gives exp2(-inf) = 0 instead of -inf - -inf = NaN, with no guard per element.
-    m_teacher = tl.full([BLOCK_V], _FLT_MAX_NEG, tl.float32)
-    s_teacher = tl.zeros([BLOCK_V], dtype=tl.float32)
+    # the teacher row's log-sum-exp (HAS_TEACHER; dead code otherwise) per group of TEACHER_VEC adjacent lanes (one
+    # thread's 128-bit load: the group's max needs no shuffle), in base 2 (the transform's scale folds log2(e) in:
+    # no multiply per element): its bytes stream while the student's issue-bound work runs. The running max starts at
+    # -FLT_MAX, not -inf: below every finite logit, and a -inf logit then gives exp2(-inf) = 0 instead of
+    # -inf - -inf = NaN, with no guard per element.
+    TEACHER_GROUPS: tl.constexpr = BLOCK_V // TEACHER_VEC
+    m_teacher = tl.full([TEACHER_GROUPS], _FLT_MAX_NEG, tl.float32)
+    s_teacher = tl.zeros([TEACHER_GROUPS], dtype=tl.float32)
     if HAS_SOFTCAP:
         teacher_pre_scale, teacher_bound = pre_scale, softcap_bound * _LOG2E
     else:
@@ -230,12 +235,11 @@ def _student_row_stats_kernel(
         if HAS_TEACHER:
             u = tl.load(teacher_row_ptr + cols * stride_teacher_v, mask=cols < teacher_readable_v, other=-float("inf"))
             u = _on_load(u.to(tl.float32), teacher_pre_scale, teacher_bound, HAS_SOFTCAP)  # times log2(e)
-            u = tl.where(in_row, u, -float("inf"))
-            # a larger u moves the lane's max to it (s scaled down, plus 1), else adds exp2(u - m)
-            above = u - m_teacher
-            e = tl.exp2(-tl.abs(above))
-            s_teacher = tl.where(above > 0.0, s_teacher * e + 1.0, s_teacher + e)
-            m_teacher = tl.maximum(m_teacher, u)
+            u = tl.reshape(tl.where(in_row, u, -float("inf")), [TEACHER_GROUPS, TEACHER_VEC])
+            m_teacher_new = tl.maximum(m_teacher, tl.max(u, axis=1))
+            e = tl.sum(tl.exp2(u - m_teacher_new[:, None]), axis=1)
+            s_teacher = s_teacher * tl.exp2(m_teacher - m_teacher_new) + e
+            m_teacher = m_teacher_new
 
         if HAS_TOPK:
             tile_max = tl.max(tl.reshape(z, [TILE_BLOCKS, SUB]), axis=1)
@@ -447,6 +451,7 @@ def student_row_stats(
         HAS_SOFTCAP=softcap_bound is not None,
         HAS_ENTROPY=entropy is not None,
         HAS_TEACHER=has_teacher,
+        TEACHER_VEC=min(_TEACHER_VEC, block_v),
         BLOCK_V=block_v,
         SUB=sub,
         NB_PAD=nb_pad,
