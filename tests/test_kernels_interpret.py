@@ -363,6 +363,11 @@ def test_student_row_stats_fuses_the_teacher_stats(C, V, K, softcap_bound):
     student, teacher = _masked_pair(C, V, seed=C * 100 + V)
     if C > 2:
         teacher[2] = -math.inf  # a fully masked teacher row: lse -inf, no NaN
+    # the teacher in a row stride padded to 16 (as the dZ staging holds it), garbage in the padding
+    padded = torch.full((C, -(-V // 16) * 16), 1e4)
+    padded[:, :V] = teacher
+    teacher = padded[:, :V]
+    assert readable_width(teacher) > V or V % 16 == 0
     target_ids = torch.randint(0, V, (C,), generator=torch.Generator().manual_seed(C))
     on_load = {"pre_scale": 0.7, "softcap_bound": softcap_bound}
     teacher_out = (torch.empty(C), torch.empty(C, K), torch.empty(C))
