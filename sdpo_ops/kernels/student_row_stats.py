@@ -26,18 +26,27 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
              K-th running key after each merge. ~K of the K * SUB keys survive typically: one merge per row; ties
              at the threshold merge more (all-equal logits: the first group, then nothing passes).
     target   one load of ``z[target]``.
+    teacher  (HAS_TEACHER: a teacher given as logits) the teacher's row ``u`` is loaded beside ``z`` in pass 1, its
+             log-sum-exp kept per group of 4 adjacent lanes (one thread's 128-bit load, so the group max needs no
+             shuffle) in base 2 from a running max that starts at -FLT_MAX (no -inf guard per element): the
+             teacher's bytes stream while this kernel is issue-bound, and ``teacher_row_stats``' launch and pass
+             disappear. After the top-K, ``u`` at its K columns and at the target (K + 1 scattered reads, the columns
+             still in registers) into ``teacher_topk [C, K]`` and ``teacher_target [C]``: no row_loss or extra
+             launch needs the top-K columns back from memory.
 
 The bitonic work touches ~K + NB_PAD keys per row instead of V (plus one threshold compare per candidate key:
 K * SUB). Written: ``lse [C]``; the first K of the running set unpacked to ``topk_logits [C, K]`` (exact: the key
 is a bijection of the fp32 bits) and ``topk_index [C, K]`` (int64), sorted by value descending; ``target_logit [C]``;
-``entropy [C]`` when asked.
+``entropy [C]`` when asked; with a teacher, ``teacher_lse [C]``, ``teacher_topk [C, K]``, ``teacher_target [C]``.
 
 Tried first: one pass with the network on every BLOCK_V tile (no sub-block selection). Compiled for
 sm_90 with ptxas (no GPU here; estimates, not measurements) at BLOCK_V=2048, K_PAD=128, 8 warps, its
 tile loop is ~3,700 SASS instructions per thread, ~280K per row at V=151936: ~1.2 ms per 512-row chunk
 if issue-bound (~19 ms at N=8192). Then the network over every candidate key (~3,360 per group, 7 groups):
 ~47K per row. This form: ~269 per pass-1 tile, ~520 per pass-2 group, ~517 per merge: ~29K per row, 108
-registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_after.md``).
+registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_after.md``). The teacher fused in
+adds ~75 per pass-1 tile (344): ~34.9K per row, still 108 registers (first tries, a per-lane online update with two
+exponentials and -inf guards: 441; one exp2 per element: 369; ``bench/results/sm90-compile/3.7.1.md``).
 The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
 differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
 """
