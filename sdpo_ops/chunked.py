@@ -65,6 +65,11 @@ class FusedOptions:
     # backward follows forward's choices even outside a ``use_policy`` block.
     policy: DevicePolicy | None = None
 
+    def __fx_repr__(self) -> tuple[str, dict[str, type]]:
+        """Source that rebuilds these options in a traced graph (``sdpo_ops.compiled_op`` passes them to its custom
+        ops as an opaque value: compared by ``==``, hashed, and written into the graph's code as this repr)."""
+        return repr(self), {"FusedOptions": FusedOptions, "DevicePolicy": DevicePolicy}
+
     @property
     def grad_scale(self) -> float:
         """dz/d(raw head output) without a softcap, and its factor before ``1 - (z / softcap_bound)^2`` with one."""
@@ -513,8 +518,9 @@ def _fused_forward(
     )
 
 
-def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tensor | None):
-    """The backward of both Functions: ``(d student_hidden, d student_weight, d student_bias)``."""
+def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tensor | None, recompute_pass=None):
+    """The backward of both Functions: ``(d student_hidden, d student_weight, d student_bias)``. ``recompute_pass``:
+    ``_recompute_pass`` or a stand-in with its signature (``sdpo_ops.compiled_op``: the same pass as a custom op)."""
     saved = _SavedForBackward(*ctx.saved_tensors)
     student_hidden, student_weight = saved.student_hidden, saved.student_weight
     needs_grad = tuple(ctx.needs_input_grad[:3])
@@ -544,7 +550,7 @@ def _student_gradients(ctx, grad_loss: Tensor | None, grad_target_logprobs: Tens
                     accumulator.mul_(fold.to(accumulator.dtype))
         # a new record, not an attribute write: torch.compile traces backward and refuses side effects in it
         grads = replace(grads, scale=dz_scale)
-        _recompute_pass(ctx.row_ops, ctx.options, grads, saved, loss_scale, target_scale)
+        (recompute_pass or _recompute_pass)(ctx.row_ops, ctx.options, grads, saved, loss_scale, target_scale)
         upstream = None if dz_scale is None else 1.0 / dz_scale
     if grads is None:
         grads = _Gradients(None, None, None)

@@ -106,6 +106,10 @@ class DevicePolicy:
         """An uninitialised ``[rows, vocab]`` view whose row stride is padded to ``row_stride_multiple``."""
         return torch.empty(rows, self.row_stride(vocab), dtype=dtype, device=device)[:, :vocab]
 
+    def __fx_repr__(self) -> tuple[str, dict[str, type]]:
+        """Source that rebuilds this policy in a traced graph (an opaque value of ``sdpo_ops.compiled_op``'s ops)."""
+        return repr(self), {"DevicePolicy": DevicePolicy}
+
 
 def dw_pass_chunks(chunks: int, per_pass: int) -> list[int]:
     """Chunks of dZ in each dW pass: the fewest passes of at most ``per_pass`` chunks, as even as whole chunks allow

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
-from sdpo_ops.chunked import ChunkedSDPOFunction, FusedOptions, accumulation_dtype
+from sdpo_ops.chunked import FusedOptions, accumulation_dtype
+from sdpo_ops.compiled_op import chunk_rows_for_call, chunked_sdpo, static_options
 from sdpo_ops.device_policy import DevicePolicy, policy_for
 from sdpo_ops.reference import sdpo_loss_reference, sdpo_loss_reference_from_logits
 
@@ -390,6 +391,9 @@ def sdpo_loss(
         >>> bool(loss > 0), hidden.grad.shape
         (True, torch.Size([6, 16]))
     """
+    topk, alpha, is_clip, temperature, logit_scale, logit_softcap, chunk_size = static_options(
+        topk, alpha, is_clip, temperature, logit_scale, logit_softcap, chunk_size
+    )
     if not isinstance(student_hidden, Tensor):
         raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
     device = student_hidden.device
@@ -455,12 +459,12 @@ def sdpo_loss(
         is_clip=None if is_clip is None else float(is_clip),
         temperature=float(temperature),
         grad_in_forward=grad_in_forward,
-        chunk_size=chunk_size or policy.chunk_rows(num_tokens, vocab, student_hidden.shape[-1]),
+        chunk_size=chunk_size or chunk_rows_for_call(policy, num_tokens, vocab, student_hidden.shape[-1]),
         logit_scale=float(logit_scale),
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
         policy=policy,
     )
-    fused = ChunkedSDPOFunction.apply(
+    fused = chunked_sdpo(
         student_hidden.reshape(num_tokens, student_hidden.shape[-1]),
         student_weight,
         student_bias,
@@ -545,6 +549,9 @@ def sdpo_loss_from_logits(
     :func:`sdpo_loss`. Same options and validation; computes exactly
     ``sdpo_ops.reference.sdpo_loss_reference_from_logits``.
     """
+    topk, alpha, is_clip, temperature, logit_scale, logit_softcap = static_options(
+        topk, alpha, is_clip, temperature, logit_scale, logit_softcap
+    )
     if not isinstance(student_logits, Tensor):
         raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")
     device = student_logits.device

@@ -114,9 +114,25 @@ def support_divergence(student_support: Tensor, teacher_support: Tensor, *, add_
     return generalized_jsd(student_support, teacher_support, alpha)
 
 
+ENTROPY_ROWS = 128
+
+
 def entropy_of(log_probs: Tensor) -> Tensor:
-    """``-sum p log p`` over the last dimension from full-vocabulary log-probs, detached (``0 log 0 = 0``)."""
-    log_probs = log_probs.detach()
+    """``-sum p log p`` over the last dimension from full-vocabulary log-probs, detached (``0 log 0 = 0``).
+
+    ``ENTROPY_ROWS`` rows at a time, as TRL's ``entropy_from_logits`` does: a logged metric must not add ``[N, V]``
+    temporaries to the loss on materialised logits (``bench.memory_table`` prices that loss's memory)."""
+    rows = log_probs.detach().reshape(-1, log_probs.shape[-1])
+    if torch.compiler.is_compiling():
+        # one expression: a row loop would specialise the graph on N, and a compiler fuses this into one reduction
+        return _entropy_rows(rows).reshape(log_probs.shape[:-1])
+    entropy = rows.new_empty(rows.shape[0])
+    for start in range(0, rows.shape[0], ENTROPY_ROWS):
+        entropy[start : start + ENTROPY_ROWS] = _entropy_rows(rows[start : start + ENTROPY_ROWS])
+    return entropy.reshape(log_probs.shape[:-1])
+
+
+def _entropy_rows(log_probs: Tensor) -> Tensor:
     probs = log_probs.exp()
     return -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from sdpo_ops import row_ops as torch_row_ops
-from sdpo_ops.chunked import FusedOptions, TeacherTopKSDPOFunction, accumulation_dtype
+from sdpo_ops.chunked import FusedOptions, accumulation_dtype
+from sdpo_ops.compiled_op import chunk_rows_for_call, compiles_as_op, static_options, teacher_topk_sdpo
 from sdpo_ops.device_policy import policy_for
 from sdpo_ops.loss import (
     SDPOOutput,
@@ -207,6 +208,9 @@ def sdpo_loss_from_teacher_topk(
         >>> bool(loss > 0), weight.grad.shape
         (True, torch.Size([50, 16]))
     """
+    alpha, is_clip, temperature, logit_scale, logit_softcap = static_options(
+        alpha, is_clip, temperature, logit_scale, logit_softcap
+    )
     if not isinstance(student_hidden, Tensor):
         raise TypeError(f"student_hidden must be a torch.Tensor, got {type(student_hidden).__name__}")
     device = student_hidden.device
@@ -224,7 +228,8 @@ def sdpo_loss_from_teacher_topk(
 
     num_tokens = leading_shape.numel()
     logprobs, ids = _with_stand_ins(teacher_topk_logprobs, teacher_topk_ids, float_mask)
-    if validate_teacher:
+    # while compiling, the fused op checks them where their values are known (a host read here breaks the graph)
+    if validate_teacher and not (compiles_as_op() and backend != "reference"):
         _check_teacher_values(logprobs, ids, vocab)
     logprobs = logprobs.to(dtype)
 
@@ -263,12 +268,12 @@ def sdpo_loss_from_teacher_topk(
         temperature=float(temperature),
         # a scalar loss's gradient is formed in forward; "none" gets a per-token upstream gradient in backward
         grad_in_forward=reduction != "none",
-        chunk_size=policy.chunk_rows(num_tokens, vocab, student_hidden.shape[-1]),
+        chunk_size=chunk_rows_for_call(policy, num_tokens, vocab, student_hidden.shape[-1]),
         logit_scale=float(logit_scale),
         logit_softcap=None if logit_softcap is None else float(logit_softcap),
         policy=policy,
     )
-    fused = TeacherTopKSDPOFunction.apply(
+    fused = teacher_topk_sdpo(
         student_hidden.reshape(num_tokens, student_hidden.shape[-1]),
         student_weight,
         student_bias,
@@ -279,6 +284,7 @@ def sdpo_loss_from_teacher_topk(
         _row_weight(float_mask, reduction, normalizer, token_weights).reshape(-1),
         options,
         row_ops,
+        validate_teacher=validate_teacher,
     )
     result = _fused_result(fused, float_mask, token_weights, use_is=old_logprobs is not None and is_clip is not None)
     result["teacher_target_logprobs"] = None  # the teacher's log-prob of the target is not among its top-K inputs
