@@ -73,6 +73,8 @@ class Mode:
     target_logprob_grad: bool = False  # backward through return_outputs' target_logprobs too
     backward: bool = True
     vocab: int | None = None  # else SHAPE["V"]
+    # ``sdpo_loss_from_teacher_topk`` with the teacher's top-K log-probs and ids (K = loss_kwargs' topk) instead
+    teacher_topk: bool = False
 
 
 MODES = (
@@ -95,6 +97,9 @@ MODES = (
     # an odd vocabulary (GPT-2's): the host pads the [C, V] row stride to a multiple of 16 elements
     # (CUDA_POLICY.row_stride_multiple), so the row pointers stay 16-byte aligned and the row accesses 128-bit
     Mode(f"topk100-V{ODD_VOCAB}", dict(topk=100, add_tail=True, alpha=0.5), vocab=ODD_VOCAB),
+    # a served teacher's top-K log-probs: its stats stage (teacher_row_stats) reads the student's buffer
+    Mode("teacher-topk100", dict(topk=100), teacher_topk=True),
+    Mode(f"teacher-topk100-V{ODD_VOCAB}", dict(topk=100), teacher_topk=True, vocab=ODD_VOCAB),
 )
 
 
@@ -119,7 +124,7 @@ def _meta_tensors_choose_cuda_configs() -> Iterator[None]:
 def trace(mode: Mode) -> list:
     """The ``LaunchRecord`` of every Triton launch of one forward (+ backward) at ``SHAPE`` (V: the mode's own
     where it has one), on meta tensors."""
-    from sdpo_ops import sdpo_loss
+    from sdpo_ops import sdpo_loss, sdpo_loss_from_teacher_topk
     from sdpo_ops.kernels.launch import record_launches
 
     N, H, V = SHAPE["N"], SHAPE["H"], mode.vocab or SHAPE["V"]
@@ -134,10 +139,18 @@ def trace(mode: Mode) -> list:
         targets = dict(target_ids=meta(N, dtype=torch.int64), old_logprobs=meta(N, dtype=torch.float32))
     grad_context = contextlib.nullcontext() if mode.backward else torch.no_grad()
     with _meta_tensors_choose_cuda_configs(), record_launches() as records, grad_context:
-        out = sdpo_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, backend="triton",
-            **targets, **mode.loss_kwargs,
-        )  # fmt: skip
+        if mode.teacher_topk:
+            kwargs = dict(mode.loss_kwargs)
+            k = kwargs.pop("topk")
+            out = sdpo_loss_from_teacher_topk(
+                student_hidden, student_weight, meta(N, k, dtype=torch.float32), meta(N, k, dtype=torch.int64),
+                backend="triton", **targets, **kwargs,
+            )  # fmt: skip
+        else:
+            out = sdpo_loss(
+                student_hidden, student_weight, teacher_hidden, teacher_weight, backend="triton",
+                **targets, **mode.loss_kwargs,
+            )  # fmt: skip
         if mode.backward:
             loss = out.loss if mode.loss_kwargs.get("return_outputs") else out
             total = loss.sum()

@@ -19,13 +19,14 @@ sustained 1.755 GHz, 4 warp-instructions issued per SM and cycle at most. Assump
   half hidden / not hidden (time = GEMM + accumulator traffic). The GEMM's operands (dZ, the hidden rows) stream
   under its MMAs, as every GEMM here is priced (max of FLOPs and bytes). The passes are the loss's own
   (``DevicePolicy.stage_rows``: 4 at the SPEC shape, of 2304, 2304, 1920 and 1664 rows).
-- student_row_stats is issue-bound: SASS instructions per thread and row (``bench.compile_report``, triton
-  3.7.1, sm_90) x 8 warps, issued at IPC 4 / 2.8 / 2 per SM; 2 CTAs per SM (108 registers, 16 KB shared);
-  rows per SM: C / 132 evenly (low), ceil(C / 132) (central), whole waves of 264 CTAs (high: 1.45 waves of a
-  384-row chunk round up to 2, i.e. 4 rows per SM); never below its bytes at 85% of HBM.
-- softcap (only with ``--softcap``): ~20 SASS instructions per logit per pass for ``tanh`` from ``exp``, in the
-  three passes over [C, V] that apply it (student, teacher, logit gradient): hidden under the memory time /
-  at IPC 2.8 / at IPC 2 on top of it.
+- student_row_stats (with the teacher's log-sum-exp and gather fused in: both rows stream through it) is
+  issue-bound: SASS instructions per thread and row (``bench.compile_report``, triton 3.7.1, sm_90) x 8 warps,
+  issued at IPC 4 / 2.8 / 2 per SM; 2 CTAs per SM (108 registers, 16 KB shared); rows per SM: C / 132 evenly
+  (low), ceil(C / 132) (central), whole waves of 264 CTAs (high: 1.45 waves of a 384-row chunk round up to 2,
+  i.e. 4 rows per SM); never below its bytes (both rows) at 85% of HBM.
+- softcap (only with ``--softcap``): ~20 SASS instructions per logit per row for ``tanh`` from ``exp``, on the
+  three [C, V] rows that apply it (student and teacher in the student's stats, the logit gradient): hidden under
+  the memory time / at IPC 2.8 / at IPC 2 on top of it.
 - a 2 / 4 / 6 us gap between back-to-back kernels; host syncs are not priced (none per call on CUDA).
 
 Every figure is an estimate until a GPU measures it (``make gpu-check``, ``bench.gpu_targets``).
@@ -78,13 +79,15 @@ SCENARIOS = (
     Scenario("central", 0.96, 0.93, 0.5, 2.8, "ceil", 2.8, 4e-6),
     Scenario("high", 0.90, 0.87, 0.0, 2.0, "waves", 2.0, 6e-6),
 )
-# SASS instructions per thread and row of _student_row_stats_kernel (topk100; bench/results/sm90-compile/3.7.1.md,
-# "per row"), 8 warps per CTA, 2 CTAs per SM (108 registers; pass 2 merges only the K-th block maximum's survivors).
-STUDENT_INSTRUCTIONS_PER_ROW = 29114
+# SASS instructions per thread and row of _student_row_stats_kernel (topk100, the teacher's statistics fused in;
+# bench/results/sm90-compile/3.7.1.md, "per row"), 8 warps per CTA, 2 CTAs per SM (108 registers; pass 2 merges only
+# the K-th block maximum's survivors).
+STUDENT_INSTRUCTIONS_PER_ROW = 34881
 STUDENT_WARPS, STUDENT_CTAS_PER_SM = 8, 2
 # Extra SASS instructions per logit for a softcap's tanh (expm1 polynomial and a division), per [C, V] pass.
 SOFTCAP_INSTRUCTIONS_PER_LOGIT = 20
-SOFTCAP_PASSES = ("_student_row_stats_kernel", "_teacher_row_stats_kernel", "_logit_grad_kernel")
+# [C, V] rows each kernel applies it to: the student's stats stream the teacher's row beside the student's
+SOFTCAP_ROWS = {"_student_row_stats_kernel": 2, "_teacher_row_stats_kernel": 1, "_logit_grad_kernel": 1}
 
 LOGITS, DH, DW = (
     "chunk logits GEMMs (student, teacher)",
@@ -134,8 +137,8 @@ def _seconds(step: Step, name: str, gpu: Gpu, scenario: Scenario, vocab: int, so
         instructions = rows_per_sm * STUDENT_INSTRUCTIONS_PER_ROW * STUDENT_WARPS
         compute = instructions / (scenario.student_ipc * gpu.clock)
     seconds = max(memory, compute)
-    if softcap and step.name in SOFTCAP_PASSES and scenario.softcap_ipc is not None:
-        elements = step.shapes[0] * vocab
+    if softcap and step.name in SOFTCAP_ROWS and scenario.softcap_ipc is not None:
+        elements = step.shapes[0] * vocab * SOFTCAP_ROWS[step.name]
         seconds += elements * SOFTCAP_INSTRUCTIONS_PER_LOGIT / 32 / (scenario.softcap_ipc * issue_rate)
     return seconds + scenario.launch_gap
 

@@ -3,12 +3,14 @@
 Per chunk of C token rows (never a full ``[N, V]`` tensor):
 
 1. ``hs_c @ Ws^T + bs`` into a reused fp32 ``[C, V]`` buffer (one GEMM; bias, logit scale and temperature in
-   its epilogue where the dtypes allow, the rest and any softcap applied by every row stage on load);
-   ``student_row_stats``: log-sum-exp, top-K logits and columns, target, and the entropy (same pass, for logging).
-2. ``ht_c @ Wt^T + bt`` likewise into a second buffer (no gradient); ``teacher_row_stats``: log-sum-exp
-   and the logits at the student's top-K columns and at the target column. In top-K mode with the gradient formed
-   in forward that buffer is the dZ staging's next unfilled rows (step 4): the logits are dead before the chunk's
+   its epilogue where the dtypes allow, the rest and any softcap applied by every row stage on load), then
+   ``ht_c @ Wt^T + bt`` likewise into a second buffer (no gradient). In top-K mode with the gradient formed in
+   forward that buffer is the dZ staging's next unfilled rows (step 4): the logits are dead before the chunk's
    dZ overwrites them, which one stream orders, and the staging gains their bytes (one chunk more per dW pass).
+2. ``student_row_stats`` over both buffers in one launch: the student's log-sum-exp, top-K logits and columns,
+   target and entropy (for logging); the teacher's log-sum-exp from the same streaming pass (its row loaded beside
+   the student's: its bytes stream while the student's issue-bound work runs), then its logits at the student's
+   top-K columns and at the target column (``teacher_row_stats``' work, fused).
 3. ``row_loss_``: the ``[C, K+1]`` math (tail bins, GJSD, its gradient coefficients, IS weight, row scale,
    weighted loss) in one launch. Full-vocabulary mode runs ``full_vocab_divergence`` over both buffers first.
 4. Gradient. When the only differentiable output is a scalar (every reduction but ``"none"``) the gradient
@@ -21,16 +23,17 @@ Per chunk of C token rows (never a full ``[N, V]`` tensor):
    mode) and forms ``dZ`` then. The target log-prob output's gradient (a policy loss on the same call)
    always comes from such a recompute pass, run only when that output actually receives a gradient.
 
-Per chunk that is 6 launches (2 GEMMs and 4 row kernels on the Triton path; +1 per side for a bias in bf16),
+Per chunk that is 5 launches (2 GEMMs and 3 row kernels on the Triton path; +1 per side for a bias in bf16),
 plus 2-3 per staging flush; ``tests/test_launch_budget.py``
 holds it to that. ``row_ops`` is ``sdpo_ops.row_ops`` (torch) or ``sdpo_ops.kernels.row_ops`` (Triton): the
 same host orchestration runs on CPU tests and on the GPU. On ``meta`` tensors the whole call runs as a dry
 run (shapes, allocations and launches only), which the cost model and the memory tests use.
 
 A teacher given as its top-K log-probs and ids (``TeacherTopKSDPOFunction``, SPEC 3.2: a served or cached teacher)
-runs the same loop with steps 1-2 replaced by one stage on the student's buffer: ``teacher_row_stats(zs, ids)``
-gives the student's log-sum-exp, entropy and its logits at the teacher's ids and at the target; ``row_loss_`` then reads
-the teacher's log-probs with a teacher log-sum-exp of 0, and ``logit_grad`` scatters at the teacher's ids.
+runs the same loop without the teacher's GEMM, step 2 being one stage on the student's buffer:
+``teacher_row_stats(zs, ids)`` gives the student's log-sum-exp, entropy and its logits at the teacher's ids and at the
+target; ``row_loss_`` then reads the teacher's log-probs with a teacher log-sum-exp of 0, and ``logit_grad`` scatters
+at the teacher's ids.
 3 GEMM-equivalents and 3 row kernels per chunk; backward is shared.
 """
 
@@ -179,7 +182,7 @@ class _StagedGradients:
     def logits_scratch(self, count: int, dtype: torch.dtype) -> Tensor:
         """A ``[count, V]`` buffer of ``dtype`` (the padded row stride) over the rows the next ``slot`` hands out,
         flushing first when the pass is full (constructed with ``scratch_dtype=dtype``). Only for logits that are
-        read before the chunk's dZ is written (the teacher's in top-K mode: ``teacher_row_stats`` reads them,
+        read before the chunk's dZ is written (the teacher's in top-K mode: ``student_row_stats`` reads them,
         ``logit_grad`` does not), which one stream orders; the next flush's GEMMs, too, run before the next
         chunk's logits overwrite them."""
         self._make_room()
@@ -321,7 +324,7 @@ class _HiddenTeacher:
     def allocate(self, num_tokens: int, buffer_rows: int, topk: int, like: Tensor, staging: bool) -> RowOutputs:
         """The call's ``RowOutputs`` and this teacher's per-chunk scratch (``like``: the student's logits buffer).
         ``staging``: the dZ staging can hold logits (``self.staged``, set once it exists); in top-K mode they live
-        there, not in a buffer of their own (dead once ``teacher_row_stats`` has read them, before ``logit_grad``
+        there, not in a buffer of their own (dead once ``student_row_stats`` has read them, before ``logit_grad``
         writes the chunk's dZ; full-vocabulary mode's ``logit_grad`` reads them)."""
         # the dtype of the logits in the staging (``_StagedGradients.logits_scratch``); None: in ``self.buffer``
         self.staged_logits = like.dtype if staging and topk > 0 else None
@@ -339,19 +342,18 @@ class _HiddenTeacher:
                     targets: Tensor | None, on_load: dict) -> _ChunkStats:  # fmt: skip
         count = zs.shape[0]
         topk = options.topk or 0
-        s_topk, s_target = self.student_topk[:count], self.student_target[:count]
-        row_ops.student_row_stats(
-            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target),
-            entropy=chunk_out.entropy, **on_load,
-        )  # fmt: skip
+        # the teacher's logits first: the student's stats stream them beside its own row (one launch for both)
         if self.staged_logits is None:
             zt = self.buffer[:count]
         else:
             zt = self.staged.logits_scratch(count, self.staged_logits)
         _logits_into(zt, self.hidden[rows], self.weight, self.bias, options)
+        s_topk, s_target = self.student_topk[:count], self.student_target[:count]
         t_topk, t_target = self.teacher_topk[:count], self.teacher_target[:count]
-        row_ops.teacher_row_stats(
-            zt, chunk_out.topk_index, targets, out=(chunk_out.teacher_lse, t_topk, t_target), **on_load
+        row_ops.student_row_stats(
+            zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target),
+            entropy=chunk_out.entropy, teacher_logits=zt, teacher_out=(chunk_out.teacher_lse, t_topk, t_target),
+            **on_load,
         )  # fmt: skip
         if options.topk is None:
             row_ops.full_vocab_divergence(

@@ -57,8 +57,11 @@ def student_row_stats(
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
     entropy: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    teacher_out: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Log-sum-exp, top-K and target logit per row of the student's logits.
+    """Log-sum-exp, top-K and target logit per row of the student's logits; with ``teacher_logits``, also
+    ``teacher_row_stats`` of the teacher's at the student's top-K columns (the Triton kernel fuses both).
 
     Args:
         logits: [C, V] fp32.
@@ -66,6 +69,8 @@ def student_row_stats(
         target_ids: [C] int64 or None.
         out: ``(lse, topk_logits, topk_index, target_logit)`` to write into, else allocated.
         entropy: [C] to write each row's entropy into (of ``softmax(logits)``), or None.
+        teacher_logits: [C, V] fp32 or None; teacher_out: ``(teacher_lse, teacher_topk_logits, teacher_target_logit)``
+            to write ``teacher_row_stats(teacher_logits, topk_index, target_ids)`` into, required with it.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``; ``target_logit`` is
         zeros when ``target_ids`` is None. Top-K order is unspecified (ties: any consistent choice).
@@ -79,6 +84,12 @@ def student_row_stats(
         topk_logits = logits.new_empty(logits.shape[0], 0)
         topk_index = torch.empty(logits.shape[0], 0, dtype=torch.int64, device=logits.device)
     target_logit = torch.zeros_like(lse) if target_ids is None else logits.gather(1, target_ids[:, None]).squeeze(1)
+    if teacher_logits is not None:
+        if teacher_out is None:
+            raise ValueError("teacher_out is required with teacher_logits")
+        teacher_row_stats(
+            teacher_logits, topk_index, target_ids, out=teacher_out, pre_scale=pre_scale, softcap_bound=softcap_bound
+        )
     return _into(out, (lse, topk_logits, topk_index, target_logit))
 
 

@@ -352,6 +352,60 @@ def test_entropy_output_is_checked():
             triton_ops.teacher_row_stats(logits, torch.zeros(2, 1, dtype=torch.int64), entropy=bad)
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "C,V,K,softcap_bound", [(1, 7, 0, None), (3, 33, 3, 5.0), (5, 64, 8, None), (5, 100, 8, 5.0), (5, 100, 0, 5.0)]
+)
+def test_student_row_stats_fuses_the_teacher_stats(C, V, K, softcap_bound):
+    # the teacher's log-sum-exp streamed beside the student's row, its logits at the student's top-K and target: the
+    # separate teacher_row_stats kernel's results (and the twin's), to the bit where both read the same element
+    K = min(K, V)
+    student, teacher = _masked_pair(C, V, seed=C * 100 + V)
+    if C > 2:
+        teacher[2] = -math.inf  # a fully masked teacher row: lse -inf, no NaN
+    # the teacher in a row stride padded to 16 (as the dZ staging holds it), garbage in the padding
+    padded = torch.full((C, -(-V // 16) * 16), 1e4)
+    padded[:, :V] = teacher
+    teacher = padded[:, :V]
+    assert readable_width(teacher) > V or V % 16 == 0
+    target_ids = torch.randint(0, V, (C,), generator=torch.Generator().manual_seed(C))
+    on_load = {"pre_scale": 0.7, "softcap_bound": softcap_bound}
+    teacher_out = (torch.empty(C), torch.empty(C, K), torch.empty(C))
+    stats = triton_ops.student_row_stats(
+        student, K, target_ids, teacher_logits=teacher, teacher_out=teacher_out, block_v=BLOCK_V, **on_load
+    )
+    alone = triton_ops.student_row_stats(student, K, target_ids, block_v=BLOCK_V, **on_load)
+    for fused, single in zip(stats, alone, strict=True):
+        torch.testing.assert_close(fused, single, rtol=0, atol=0, equal_nan=True)
+    separate = triton_ops.teacher_row_stats(teacher, stats[2], target_ids, block_v=BLOCK_V, **on_load)
+    _assert_close(teacher_out[0], separate[0], equal_nan=True)
+    torch.testing.assert_close(teacher_out[1], separate[1], rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(teacher_out[2], separate[2], rtol=0, atol=0, equal_nan=True)
+
+    twin_out = (torch.empty(C), torch.empty(C, K), torch.empty(C))
+    torch_ops.student_row_stats(student, K, target_ids, teacher_logits=teacher, teacher_out=twin_out, **on_load)
+    transformed = teacher * 0.7 if softcap_bound is None else softcap_bound * torch.tanh(teacher * 0.7)
+    _assert_close(teacher_out[0], torch.logsumexp(transformed.double(), -1).float())
+    _assert_close(teacher_out[0], twin_out[0])
+    _assert_close(teacher_out[2], twin_out[2])
+    # the twin's top-K may break ties differently (a saturated softcap ties many): the teacher at the kernel's columns
+    _assert_close(teacher_out[1], transformed.gather(1, stats[2]))
+
+
+def test_student_row_stats_rejects_a_bad_teacher():
+    logits = torch.zeros(2, 10)
+    good_out = (torch.empty(2), torch.empty(2, 3), torch.empty(2))
+    with pytest.raises(ValueError, match="teacher_logits"):
+        triton_ops.student_row_stats(logits, 3, None, teacher_logits=torch.zeros(2, 11), teacher_out=good_out)
+    with pytest.raises(ValueError, match="teacher_out"):
+        triton_ops.student_row_stats(logits, 3, None, teacher_logits=torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="teacher_out"):
+        bad_out = (torch.empty(2), torch.empty(2, 4), torch.empty(2))
+        triton_ops.student_row_stats(logits, 3, None, teacher_logits=torch.zeros(2, 10), teacher_out=bad_out)
+    with pytest.raises(ValueError, match="teacher_out"):
+        torch_ops.student_row_stats(logits, 3, None, teacher_logits=torch.zeros(2, 10))
+
+
 # ---------------------------------------------------------------- teacher_row_stats
 
 

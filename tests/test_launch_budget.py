@@ -54,10 +54,11 @@ def test_launches_per_chunk_within_budget(mode):
     for phase in ("forward", "backward"):
         launches = traced.launches(phase)
         assert launches <= LAUNCHES_PER_CHUNK * CHUNKS + LAUNCHES_PER_CALL, f"{phase}: {launches} over {CHUNKS} chunks"
-    # per chunk in forward: student and teacher stats, the row loss (+ the full-vocabulary divergence), and the
-    # logit gradient when it is formed in forward (a scalar reduction); nothing more
+    # per chunk in forward: the student's stats with the teacher's fused in, the row loss (+ the full-vocabulary
+    # divergence), and the logit gradient when it is formed in forward (a scalar reduction); nothing more
     triton = [step for step in traced.steps if step.kind == "triton" and step.phase == "forward"]
-    per_chunk = 3 + (options["topk"] is None) + (options.get("reduction") != "none")
+    per_chunk = 2 + (options["topk"] is None) + (options.get("reduction") != "none")
+    assert not [step for step in triton if step.name == "_teacher_row_stats_kernel"]
     assert len(triton) == per_chunk * CHUNKS
 
 
@@ -92,7 +93,7 @@ def test_entropy_is_written_by_the_counted_stats_launches():
     with record_launches() as records:
         sdpo_loss(**inputs)
     stats = [record for record in records if record.name == "_student_row_stats_kernel"]
-    assert len(stats) == CHUNKS and all(record.args["HAS_ENTROPY"] for record in stats)
+    assert len(stats) == CHUNKS and all(record.args["HAS_ENTROPY"] and record.args["HAS_TEACHER"] for record in stats)
 
     teacher = {"teacher_topk_logprobs": torch.empty(N, 100, device="meta"),
                "teacher_topk_ids": torch.empty(N, 100, dtype=torch.int64, device="meta")}  # fmt: skip

@@ -26,18 +26,27 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
              K-th running key after each merge. ~K of the K * SUB keys survive typically: one merge per row; ties
              at the threshold merge more (all-equal logits: the first group, then nothing passes).
     target   one load of ``z[target]``.
+    teacher  (HAS_TEACHER: a teacher given as logits) the teacher's row ``u`` is loaded beside ``z`` in pass 1, its
+             log-sum-exp kept per group of 4 adjacent lanes (one thread's 128-bit load, so the group max needs no
+             shuffle) in base 2 from a running max that starts at -FLT_MAX (no -inf guard per element): the
+             teacher's bytes stream while this kernel is issue-bound, and ``teacher_row_stats``' launch and pass
+             disappear. After the top-K, ``u`` at its K columns and at the target (K + 1 scattered reads, the columns
+             still in registers) into ``teacher_topk [C, K]`` and ``teacher_target [C]``: no row_loss or extra
+             launch needs the top-K columns back from memory.
 
 The bitonic work touches ~K + NB_PAD keys per row instead of V (plus one threshold compare per candidate key:
 K * SUB). Written: ``lse [C]``; the first K of the running set unpacked to ``topk_logits [C, K]`` (exact: the key
 is a bijection of the fp32 bits) and ``topk_index [C, K]`` (int64), sorted by value descending; ``target_logit [C]``;
-``entropy [C]`` when asked.
+``entropy [C]`` when asked; with a teacher, ``teacher_lse [C]``, ``teacher_topk [C, K]``, ``teacher_target [C]``.
 
 Tried first: one pass with the network on every BLOCK_V tile (no sub-block selection). Compiled for
 sm_90 with ptxas (no GPU here; estimates, not measurements) at BLOCK_V=2048, K_PAD=128, 8 warps, its
 tile loop is ~3,700 SASS instructions per thread, ~280K per row at V=151936: ~1.2 ms per 512-row chunk
 if issue-bound (~19 ms at N=8192). Then the network over every candidate key (~3,360 per group, 7 groups):
 ~47K per row. This form: ~269 per pass-1 tile, ~520 per pass-2 group, ~517 per merge: ~29K per row, 108
-registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_after.md``).
+registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_after.md``). The teacher fused in
+adds ~75 per pass-1 tile (344): ~34.9K per row, still 108 registers (first tries, a per-lane online update with two
+exponentials and -inf guards: 441; one exp2 per element: 369; ``bench/results/sm90-compile/3.7.1.md``).
 The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
 differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
 """
@@ -58,6 +67,12 @@ _PACKED_MIN = tl.constexpr(-(2**63))
 # interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 16, 8)
 _INTERPRET_CONFIG = (64, 8, 1)
+# The teacher's per-lane log-sum-exp runs in base 2 from a finite floor (see the kernel).
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_FLT_MAX_NEG = tl.constexpr(-3.4028234663852886e38)
+# Adjacent teacher logits per thread in pass 1: one 128-bit load of fp32.
+_TEACHER_VEC = 4
 # Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
 _MAX_BLOCKS = 4096
 # Pass 2 merges its survivors BATCH = this many times K_PAD at a time.
@@ -148,10 +163,15 @@ def _student_row_stats_kernel(
     topk_index_ptr,
     target_logit_ptr,
     entropy_ptr,
+    teacher_ptr,
+    teacher_lse_ptr,
+    teacher_topk_ptr,
+    teacher_target_ptr,
     block_max_ptr,
     survivors_ptr,
     V,
     readable_v,
+    teacher_readable_v,
     K,
     num_candidates,
     pre_scale,
@@ -160,10 +180,15 @@ def _student_row_stats_kernel(
     stride_logits_v,
     stride_topk_logits_c,
     stride_topk_index_c,
+    stride_teacher_c,
+    stride_teacher_v,
+    stride_teacher_topk_c,
     HAS_TOPK: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_TEACHER: tl.constexpr,
+    TEACHER_VEC: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SUB: tl.constexpr,
     NB_PAD: tl.constexpr,
@@ -178,6 +203,7 @@ def _student_row_stats_kernel(
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
+    teacher_row_ptr = teacher_ptr + pid_n * stride_teacher_c
     offs_v = tl.arange(0, BLOCK_V)
     TILE_BLOCKS: tl.constexpr = BLOCK_V // SUB
 
@@ -187,6 +213,18 @@ def _student_row_stats_kernel(
     m = tl.full([BLOCK_V], -float("inf"), tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     t = tl.zeros([BLOCK_V], dtype=tl.float32)
+    # the teacher row's log-sum-exp (HAS_TEACHER; dead code otherwise) per group of TEACHER_VEC adjacent lanes (one
+    # thread's 128-bit load: the group's max needs no shuffle), in base 2 (the transform's scale folds log2(e) in:
+    # no multiply per element): its bytes stream while the student's issue-bound work runs. The running max starts at
+    # -FLT_MAX, not -inf: below every finite logit, and a -inf logit then gives exp2(-inf) = 0 instead of
+    # -inf - -inf = NaN, with no guard per element.
+    TEACHER_GROUPS: tl.constexpr = BLOCK_V // TEACHER_VEC
+    m_teacher = tl.full([TEACHER_GROUPS], _FLT_MAX_NEG, tl.float32)
+    s_teacher = tl.zeros([TEACHER_GROUPS], dtype=tl.float32)
+    if HAS_SOFTCAP:
+        teacher_pre_scale, teacher_bound = pre_scale, softcap_bound * _LOG2E
+    else:
+        teacher_pre_scale, teacher_bound = pre_scale * _LOG2E, softcap_bound
     offs_tile_blocks = tl.arange(0, TILE_BLOCKS)
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
@@ -203,6 +241,15 @@ def _student_row_stats_kernel(
         t += e_log
         m = m_new
 
+        if HAS_TEACHER:
+            u = tl.load(teacher_row_ptr + cols * stride_teacher_v, mask=cols < teacher_readable_v, other=-float("inf"))
+            u = _on_load(u.to(tl.float32), teacher_pre_scale, teacher_bound, HAS_SOFTCAP)  # times log2(e)
+            u = tl.reshape(tl.where(in_row, u, -float("inf")), [TEACHER_GROUPS, TEACHER_VEC])
+            m_teacher_new = tl.maximum(m_teacher, tl.max(u, axis=1))
+            e = tl.sum(tl.exp2(u - m_teacher_new[:, None]), axis=1)
+            s_teacher = s_teacher * tl.exp2(m_teacher - m_teacher_new) + e
+            m_teacher = m_teacher_new
+
         if HAS_TOPK:
             tile_max = tl.max(tl.reshape(z, [TILE_BLOCKS, SUB]), axis=1)
             tl.store(block_max_ptr + pid_n * NB_PAD + start // SUB + offs_tile_blocks, tile_max)
@@ -214,6 +261,11 @@ def _student_row_stats_kernel(
     tl.store(lse_ptr + pid_n, row_shift + tl.log(row_s))
     if HAS_ENTROPY:
         tl.store(entropy_ptr + pid_n, _entropy(row_s, tl.sum(t, axis=0)))
+    if HAS_TEACHER:
+        teacher_max = tl.max(m_teacher, axis=0)
+        teacher_s = tl.sum(s_teacher * tl.exp2(m_teacher - teacher_max), axis=0)
+        # back from base 2; a row of -inf only: -FLT_MAX + log2(0) = -inf
+        tl.store(teacher_lse_ptr + pid_n, (teacher_max + tl.log2(teacher_s)) * _LN2)
 
     if HAS_TOPK:
         # the candidate blocks: the K_PAD largest maxima (ties: lower block), descending, [K_PAD // GROUP, GROUP]
@@ -265,9 +317,17 @@ def _student_row_stats_kernel(
         value = (key ^ ((key >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
         tl.store(topk_logits_ptr + pid_n * stride_topk_logits_c + offs_k, value, mask=offs_k < K)
         tl.store(topk_index_ptr + pid_n * stride_topk_index_c + offs_k, index, mask=offs_k < K)
+        if HAS_TEACHER:
+            # the teacher at the student's top-K columns: K scattered reads, the columns still in registers
+            u = tl.load(teacher_row_ptr + index * stride_teacher_v, mask=offs_k < K, other=float("nan"))
+            u = _on_load(u.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP)
+            tl.store(teacher_topk_ptr + pid_n * stride_teacher_topk_c + offs_k, u, mask=offs_k < K)
 
     _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V, pre_scale, softcap_bound,
                         HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
+    if HAS_TEACHER:
+        _store_target_logit(teacher_row_ptr, stride_teacher_v, target_ids_ptr, teacher_target_ptr, pid_n, V, pre_scale,
+                            softcap_bound, HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
 
 
 def student_row_stats(
@@ -279,9 +339,12 @@ def student_row_stats(
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
     entropy: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    teacher_out: tuple[Tensor, Tensor, Tensor] | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Log-sum-exp, top-K and target logit per row of the student's logits (Triton).
+    """Log-sum-exp, top-K and target logit per row of the student's logits (Triton); with ``teacher_logits``, the
+    teacher's statistics too (``teacher_row_stats`` at the student's top-K, fused into the same launch).
 
     Same contract as ``sdpo_ops.row_ops.student_row_stats``; the top-K comes sorted by value (descending,
     ties to the lower column).
@@ -297,6 +360,10 @@ def student_row_stats(
             ``bound * tanh(logits)`` (see ``sdpo_ops.kernels.elementwise._softcapped``); None: of ``logits``.
         entropy: [C] fp32 to write each row's entropy into (``-sum p log p`` of the softmax of the transformed
             logits), from the log-sum-exp's own pass; None: not computed.
+        teacher_logits: [C, V] (same transforms on load), streamed beside the student's row in pass 1 for its
+            log-sum-exp, then read at the student's top-K columns and the target; None: no teacher.
+        teacher_out: ``(teacher_lse [C], teacher_topk_logits [C, K], teacher_target_logit [C])`` to write into;
+            required with ``teacher_logits``.
         block_v: pass-1 tile width override (a power of two; raised to the top-K width), for tests and tuning.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``, fp32 except the index;
@@ -315,6 +382,9 @@ def student_row_stats(
         if target_ids.device != logits.device:
             raise ValueError(f"target_ids is on {target_ids.device}, logits on {logits.device}")
     check_row_output("entropy", entropy, logits)
+    has_teacher = teacher_logits is not None
+    if has_teacher:
+        _check_teacher(teacher_logits, teacher_out, logits, topk)
 
     k_pad = max(triton.next_power_of_2(topk), 2)
     default_block_v, tile_blocks, num_warps = _CUDA_CONFIG if runs_on_gpu(logits) else _INTERPRET_CONFIG
@@ -351,10 +421,13 @@ def student_row_stats(
     cap = batch + group * sub
     survivors_scratch = torch.empty(scratch_rows, cap, dtype=torch.int32, device=logits.device)
 
+    hbm_bytes = C * (V + min(topk, num_blocks) * sub) * logits.element_size() + C * (topk * 12 + 16)
+    if has_teacher:  # its row, the K + 1 gathered logits, and lse, top-K and target written
+        hbm_bytes += C * ((V + topk + 1) * teacher_logits.element_size() + topk * 4 + 8)
     launch(
         _student_row_stats_kernel,
         (C,),
-        hbm_bytes=C * (V + min(topk, num_blocks) * sub) * logits.element_size() + C * (topk * 12 + 16),
+        hbm_bytes=hbm_bytes,
         logits_ptr=logits,
         target_ids_ptr=target_ids if target_ids is not None else lse,
         lse_ptr=lse,
@@ -362,10 +435,15 @@ def student_row_stats(
         topk_index_ptr=topk_index,
         target_logit_ptr=target_logit,
         entropy_ptr=entropy if entropy is not None else lse,
+        teacher_ptr=teacher_logits if has_teacher else logits,
+        teacher_lse_ptr=teacher_out[0] if has_teacher else lse,
+        teacher_topk_ptr=teacher_out[1] if has_teacher else topk_logits,
+        teacher_target_ptr=teacher_out[2] if has_teacher else lse,
         block_max_ptr=block_max_scratch,
         survivors_ptr=survivors_scratch,
         V=V,
         readable_v=readable_width(logits),
+        teacher_readable_v=readable_width(teacher_logits) if has_teacher else 0,
         K=topk,
         num_candidates=min(topk, num_blocks),
         pre_scale=float(pre_scale),
@@ -374,10 +452,15 @@ def student_row_stats(
         stride_logits_v=logits.stride(1),
         stride_topk_logits_c=topk_logits.stride(0),
         stride_topk_index_c=topk_index.stride(0),
+        stride_teacher_c=teacher_logits.stride(0) if has_teacher else 0,
+        stride_teacher_v=teacher_logits.stride(1) if has_teacher else 1,
+        stride_teacher_topk_c=teacher_out[1].stride(0) if has_teacher else 0,
         HAS_TOPK=topk > 0,
         HAS_TARGET=target_ids is not None,
         HAS_SOFTCAP=softcap_bound is not None,
         HAS_ENTROPY=entropy is not None,
+        HAS_TEACHER=has_teacher,
+        TEACHER_VEC=min(_TEACHER_VEC, block_v),
         BLOCK_V=block_v,
         SUB=sub,
         NB_PAD=nb_pad,
@@ -392,3 +475,28 @@ def student_row_stats(
         num_warps=num_warps,
     )
     return out
+
+
+def _check_teacher(teacher_logits: Tensor, teacher_out: tuple[Tensor, ...] | None, logits: Tensor, topk: int) -> None:
+    """``teacher_logits`` like ``logits``; ``teacher_out``: the ``[C]``, ``[C, K]``, ``[C]`` fp32 written from it."""
+    if teacher_logits.shape != logits.shape or not teacher_logits.is_floating_point():
+        raise ValueError(
+            f"teacher_logits must be a floating {tuple(logits.shape)} tensor like logits, got "
+            f"{tuple(teacher_logits.shape)} {teacher_logits.dtype}"
+        )
+    if teacher_logits.device != logits.device:
+        raise ValueError(f"teacher_logits is on {teacher_logits.device}, logits on {logits.device}")
+    C = logits.shape[0]
+    shapes = ((C,), (C, topk), (C,))
+    if (
+        teacher_out is None
+        or len(teacher_out) != 3
+        or any(
+            t.shape != shape or t.dtype != torch.float32 or t.device != logits.device
+            for t, shape in zip(teacher_out, shapes, strict=True)
+        )
+    ):
+        raise ValueError(
+            f"teacher_out must be (teacher_lse [{C}], teacher_topk_logits [{C}, {topk}], teacher_target_logit [{C}]) "
+            "fp32 tensors on the logits' device with teacher_logits"
+        )
