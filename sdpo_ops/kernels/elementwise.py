@@ -61,27 +61,38 @@ def _store_target_logit(row_ptr, stride_v, target_ids_ptr, target_logit_ptr, row
         tl.store(target_logit_ptr + row, 0.0)
 
 
+# The running maxima of the online log-sum-exp start at this floor, not -inf: below every finite logit (in base 2),
+# and -inf logits then give exp2(-inf) = 0 with no guard per element (-inf - -inf would be NaN).
+_FLT_MAX_NEG = tl.constexpr(-3.4028234663852886e38)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
-def _rescaled(m, s, t, shift):
-    """The online log-sum-exp and entropy accumulators moved from the running max ``m`` to ``shift``:
-    ``s = sum exp(z - m)`` and ``t = sum exp(z - m) (z - m)`` become the same sums about ``shift``
-    (``t`` picks up ``(m - shift) s``). Accumulating ``t`` about the max, not ``sum exp(z - m) z``, leaves the
-    entropy ``log s - t / s`` two non-negative terms: no cancellation for logits of magnitude 1e4. A lane or row
-    that has seen only ``-inf`` (``s = t = 0``) stays 0, NaN-free."""
-    scale = tl.exp(m - shift)
-    offset = tl.where(m == -float("inf"), 0.0, m - shift)
+def _rescaled(m, s, t, m_new):
+    """The online log-sum-exp and entropy accumulators, in base 2 (``m`` and the logits times log2(e)), moved from
+    the running max ``m`` to ``m_new >= m``: ``s = sum 2^(z - m)`` and ``t = sum 2^(z - m) (z - m)`` become the same
+    sums about ``m_new`` (``t`` picks up ``(m - m_new) s``). Accumulating ``t`` about the max, not
+    ``sum 2^(z - m) z``, leaves the entropy ``log s - t / s`` two non-negative terms: no cancellation for logits of
+    magnitude 1e4. Both maxima are finite (from the ``_FLT_MAX_NEG`` floor); their difference is clamped there too,
+    so a lane that has seen only ``-inf`` (``s = t = 0``) stays 0, NaN-free, whatever the new max."""
+    offset = tl.maximum(m - m_new, _FLT_MAX_NEG, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.exp2(offset)
     return s * scale, scale * (t + offset * s)
 
 
 @triton.jit
-def _exp_terms(z, shift):
-    """``exp(z - shift)`` and its entropy term ``exp(z - shift) (z - shift)`` (0 where the exponential is 0: a
-    ``-inf`` logit)."""
-    e = tl.exp(z - shift)
-    return e, e * tl.where(e > 0.0, z - shift, 0.0)
+def _exp_terms(z, m):
+    """``2^(z - m)`` and its entropy term ``2^(z - m) (z - m)`` in base 2 about a finite ``m``; a ``-inf`` logit
+    gives 0 for both (the difference is clamped to ``_FLT_MAX_NEG``, where ``exp2`` is 0: exact); a NaN logit stays
+    NaN (the clamp propagates it, as ``exp`` did)."""
+    d = tl.maximum(z - m, _FLT_MAX_NEG, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(d)
+    return e, e * d
 
 
 @triton.jit
 def _entropy(s, t):
-    """``H = lse - sum p z = log s - t / s`` from the accumulators of ``_rescaled`` about the row max."""
-    return tl.log(s) - t / s
+    """``H = lse - sum p z = (log2 s - t / s) ln 2`` from the base-2 accumulators of ``_rescaled`` about the row
+    max."""
+    return (tl.log2(s) - t / s) * _LN2

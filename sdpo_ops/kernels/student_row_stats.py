@@ -5,13 +5,14 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
     keys     packed_j = key(z_j) << 32 | (V - 1 - j)   (int64, all distinct)
              ``key`` maps the fp32 bits to an int32 of the same order (negative floats get their 31 low
              bits flipped), so one int64 comparison orders by value, then by *lower* column first.
-    pass 1   over BLOCK_V-wide tiles: the online log-sum-exp *per lane*
-                 m' = max(m, z),  s' = s * exp(m - m') + exp(z - m')
-             (shift 0 while m' = -inf: -inf lanes and rows stay NaN-free), reduced across the lanes once at
-             the end (lse = M + log sum s exp(m - M)); beside it (when asked) the entropy accumulator
-             t = sum exp(z - m) (z - m), moved with s when m changes (``elementwise._rescaled``), giving the
-             entropy log S - T / S about the row max; and the max logit of every SUB-wide sub-block, stored
-             to a per-row scratch row ([NB_PAD] fp32, position = block id), read back after a barrier.
+    pass 1   over BLOCK_V-wide tiles: the online log-sum-exp *per lane*, in base 2 (z' = z log2(e))
+                 m' = max(m, z'),  s' = s * 2^(m - m') + 2^(z' - m')
+             from a running max that starts at -FLT_MAX (finite: -inf lanes and rows stay NaN-free with no guard
+             per element), reduced across the lanes once at the end (lse = (M + log2 sum s 2^(m - M)) ln 2); beside
+             it (when asked) the entropy accumulator t = sum 2^(z' - m) (z' - m), moved with s when m changes
+             (``elementwise._rescaled``), giving the entropy (log2 S - T / S) ln 2 about the row max; and the max
+             logit of every SUB-wide sub-block (of z itself), stored to a per-row scratch row ([NB_PAD] fp32,
+             position = block id), read back after a barrier.
     select   the K largest sub-blocks by (max, lower block id), found as the top K_PAD (next power of two
              >= max(K, 2)) of their packed keys: the candidates. Every top-K key lies in a candidate: an
              element e of any other block B is beaten by the max element of each of the K candidates
@@ -46,7 +47,9 @@ if issue-bound (~19 ms at N=8192). Then the network over every candidate key (~3
 ~47K per row. This form: ~269 per pass-1 tile, ~520 per pass-2 group, ~517 per merge: ~29K per row, 108
 registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_after.md``). The teacher fused in
 adds ~75 per pass-1 tile (344): ~34.9K per row, still 108 registers (first tries, a per-lane online update with two
-exponentials and -inf guards: 441; one exp2 per element: 369; ``bench/results/sm90-compile/3.7.1.md``).
+exponentials and -inf guards: 441; one exp2 per element: 369). The student's own accumulators then moved to base 2
+from the -FLT_MAX floor (no -inf guards): 255 per tile, ~28.2K per row, 108 registers
+(``bench/results/sm90-compile/3.7.1.md``).
 The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
 differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
 """
@@ -58,7 +61,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sdpo_ops.kernels.elementwise import _entropy, _exp_terms, _on_load, _rescaled, _store_target_logit
+from sdpo_ops.kernels.elementwise import (
+    _FLT_MAX_NEG,
+    _LN2,
+    _LOG2E,
+    _entropy,
+    _exp_terms,
+    _on_load,
+    _rescaled,
+    _store_target_logit,
+)
 from sdpo_ops.kernels.launch import check_row_output, launch, readable_width, runs_on_gpu
 
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
@@ -67,10 +79,6 @@ _PACKED_MIN = tl.constexpr(-(2**63))
 # interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (2048, 16, 8)
 _INTERPRET_CONFIG = (64, 8, 1)
-# The teacher's per-lane log-sum-exp runs in base 2 from a finite floor (see the kernel).
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-_FLT_MAX_NEG = tl.constexpr(-3.4028234663852886e38)
 # Adjacent teacher logits per thread in pass 1: one 128-bit load of fp32.
 _TEACHER_VEC = 4
 # Cap on the sub-block maxima per row (registers): SUB grows past the default for larger V.
@@ -210,7 +218,7 @@ def _student_row_stats_kernel(
     # pass 1: a per-lane online log-sum-exp and entropy accumulator (no cross-thread reduction per tile; one at the
     # end; the entropy's is dead code without HAS_ENTROPY) and the max of every SUB-wide sub-block, stored to a
     # per-row scratch row (no layout conversion into a register array)
-    m = tl.full([BLOCK_V], -float("inf"), tl.float32)
+    m = tl.full([BLOCK_V], _FLT_MAX_NEG, tl.float32)
     s = tl.zeros([BLOCK_V], dtype=tl.float32)
     t = tl.zeros([BLOCK_V], dtype=tl.float32)
     # the teacher row's log-sum-exp (HAS_TEACHER; dead code otherwise) per group of TEACHER_VEC adjacent lanes (one
@@ -232,11 +240,11 @@ def _student_row_stats_kernel(
         z = tl.load(row_ptr + cols * stride_logits_v, mask=cols < readable_v, other=-float("inf")).to(tl.float32)
         z = tl.where(in_row, _on_load(z, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
 
-        # shift 0 while a lane has seen only -inf (exp(-inf - -inf) would be NaN)
-        m_new = tl.maximum(m, z)
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s, t = _rescaled(m, s, t, shift)
-        e, e_log = _exp_terms(z, shift)
+        # base 2 (z times log2(e): one multiply, z itself feeds the block maxima) from the finite floor of m
+        z2 = z * _LOG2E
+        m_new = tl.maximum(m, z2)
+        s, t = _rescaled(m, s, t, m_new)
+        e, e_log = _exp_terms(z2, m_new)
         s += e
         t += e_log
         m = m_new
@@ -255,10 +263,10 @@ def _student_row_stats_kernel(
             tl.store(block_max_ptr + pid_n * NB_PAD + start // SUB + offs_tile_blocks, tile_max)
 
     row_max = tl.max(m, axis=0)
-    row_shift = tl.where(row_max == -float("inf"), 0.0, row_max)
-    s, t = _rescaled(m, s, t, row_shift)
+    s, t = _rescaled(m, s, t, row_max)
     row_s = tl.sum(s, axis=0)
-    tl.store(lse_ptr + pid_n, row_shift + tl.log(row_s))
+    # back from base 2; a row of -inf only: -FLT_MAX + log2(0) = -inf
+    tl.store(lse_ptr + pid_n, (row_max + tl.log2(row_s)) * _LN2)
     if HAS_ENTROPY:
         tl.store(entropy_ptr + pid_n, _entropy(row_s, tl.sum(t, axis=0)))
     if HAS_TEACHER:

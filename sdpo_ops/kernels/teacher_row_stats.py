@@ -3,10 +3,11 @@
 Per row ``u`` (``[V]`` fp32, already divided by the temperature) and its ``J`` columns ``index`` (the
 student's top-K, possibly followed by the target):
 
-    lse        online over BLOCK_V tiles: m' = max(m, max_tile u), s' = s * exp(m - m') + sum_tile exp(u - m'),
-               with shift 0 while m' = -inf (NaN-free for -inf tiles and rows); lse = m + log s
+    lse        online over BLOCK_V tiles, in base 2 (u' = u log2(e)): m' = max(m, max_tile u'),
+               s' = s * 2^(m - m') + sum_tile 2^(u' - m'), m from a -FLT_MAX floor (NaN-free for -inf tiles and rows
+               with no guard); lse = (m + log2 s) ln 2
     entropy    (when asked: a top-K teacher's stage runs over the *student's* buffer) the same pass carries
-               t = sum exp(u - m) (u - m), moved with s (``elementwise._rescaled``): entropy = log s - t / s
+               t = sum 2^(u' - m) (u' - m), moved with s (``elementwise._rescaled``): entropy = (log2 s - t / s) ln 2
     gathered_j = u[index_j]   (one masked gather of J <= BLOCK_J elements; out-of-range columns read NaN)
 
 Written: ``lse [C]``, ``gathered [C, J]``, ``target_logit [C]``, ``entropy [C]`` when asked. The teacher needs its
@@ -20,7 +21,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sdpo_ops.kernels.elementwise import _entropy, _exp_terms, _on_load, _rescaled, _store_target_logit
+from sdpo_ops.kernels.elementwise import (
+    _FLT_MAX_NEG,
+    _LN2,
+    _LOG2E,
+    _entropy,
+    _exp_terms,
+    _on_load,
+    _rescaled,
+    _store_target_logit,
+)
 from sdpo_ops.kernels.launch import check_row_output, launch, readable_width, runs_on_gpu
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
@@ -57,23 +67,23 @@ def _teacher_row_stats_kernel(
     row_ptr = logits_ptr + pid_n * stride_logits_c
     offs_v = tl.arange(0, BLOCK_V)
 
-    # online log-sum-exp (and entropy: dead code without HAS_ENTROPY); shift 0 while everything seen is -inf
-    # (exp(-inf - -inf) would be NaN)
-    m = -float("inf")
+    # online log-sum-exp (and entropy: dead code without HAS_ENTROPY) in base 2 (u times log2(e)) from a finite floor
+    # of m: no -inf guard (see ``elementwise._rescaled``)
+    m = _FLT_MAX_NEG
     s = 0.0
     t = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + offs_v
         u = tl.load(row_ptr + cols * stride_logits_v, mask=cols < readable_v, other=-float("inf")).to(tl.float32)
-        u = tl.where(cols < V, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf"))
+        u = tl.where(cols < V, _on_load(u, pre_scale, softcap_bound, HAS_SOFTCAP), -float("inf")) * _LOG2E
         m_new = tl.maximum(m, tl.max(u, axis=0))
-        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
-        s, t = _rescaled(m, s, t, shift)
-        e, e_log = _exp_terms(u, shift)
+        s, t = _rescaled(m, s, t, m_new)
+        e, e_log = _exp_terms(u, m_new)
         s += tl.sum(e, axis=0)
         t += tl.sum(e_log, axis=0)
         m = m_new
-    tl.store(lse_ptr + pid_n, m + tl.log(s))
+    # back from base 2; a row of -inf only: -FLT_MAX + log2(0) = -inf
+    tl.store(lse_ptr + pid_n, (m + tl.log2(s)) * _LN2)
     if HAS_ENTROPY:
         tl.store(entropy_ptr + pid_n, _entropy(s, t))
 
