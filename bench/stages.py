@@ -60,6 +60,8 @@ def _row_stages(ops, student, teacher, targets, args) -> dict[str, Callable[[], 
     lse, s_topk, index, s_target = ops.student_row_stats(student, args.topk, targets)
     teacher_lse, t_topk, t_target = ops.teacher_row_stats(teacher, index, targets)
     outputs = RowOutputs.allocate(rows, args.topk, torch.float32, device)
+    entropy = torch.empty(rows, device=device)
+    teacher_out = (torch.empty(rows, device=device), torch.empty_like(t_topk), torch.empty_like(t_target))
     outputs.student_lse.copy_(lse)
     outputs.teacher_lse.copy_(teacher_lse)
     old_logprobs, row_weight = torch.full((rows,), -2.0, device=device), torch.ones(rows, device=device)
@@ -73,7 +75,14 @@ def _row_stages(ops, student, teacher, targets, args) -> dict[str, Callable[[], 
         f"student_row_stats (lse + top-{args.topk} + target)": lambda: ops.student_row_stats(
             student, args.topk, targets
         ),
-        "teacher_row_stats (lse + gather + target)": lambda: ops.teacher_row_stats(teacher, index, targets),
+        "student_row_stats + teacher (fused, as sdpo_loss runs it: + entropy, teacher lse + gather)": lambda: (
+            ops.student_row_stats(
+                student, args.topk, targets, entropy=entropy, teacher_logits=teacher, teacher_out=teacher_out
+            )
+        ),
+        "teacher_row_stats (lse + gather + target; the served top-K teacher's stage)": lambda: ops.teacher_row_stats(
+            teacher, index, targets
+        ),
         "row_loss_ ([C, K+1] math)": lambda: ops.row_loss_(*row_loss_args, **row_loss_options),
         "full_vocab_divergence": lambda: ops.full_vocab_divergence(student, teacher, lse, teacher_lse, args.alpha),
         f"logit_grad (top-K, {str(gemm_dtype).removeprefix('torch.')} out)": lambda: ops.logit_grad(
