@@ -46,7 +46,8 @@ def main() -> None:
     final = {arm: s["curve"][-1] for arm, s in stats.items()}
     held_out = len(logs["grpo"][0]["held_out"][0]["replies"])
     lines = [
-        "| arm | seeds | step 0 | step 2 | step 4 | step 6 | step 8 | per-seed step 8 | paired diff vs GRPO at step 8 |",
+        "| arm | seeds | step 0 | step 2 | step 4 | step 6 | step 8 | per-seed step 8 "
+        "| paired diff vs GRPO at step 8 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = {"arms": {}, "held_out_problems": held_out}
@@ -57,7 +58,8 @@ def main() -> None:
         std = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
         paired = "-" if arm == "grpo" else f"{mean:+.3f} +- {std:.3f}"
         per_seed = ", ".join(f"{v:.3f}" for v in final[arm]["values"])
-        lines.append(f"| {arm} | {', '.join(map(str, s['seeds']))} | " + " | ".join(cells) + f" | {per_seed} | {paired} |")
+        seeds = ", ".join(map(str, s["seeds"]))
+        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + f" | {per_seed} | {paired} |")
         summary["arms"][arm] = {
             **s,
             "paired_diff_vs_grpo_step8": diffs,
