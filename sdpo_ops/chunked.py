@@ -141,12 +141,12 @@ class _Gradients:
 
     @classmethod
     def allocate(cls, needs: tuple[bool, bool, bool], hidden: Tensor, weight: Tensor, zero: bool = True) -> _Gradients:
-        """``zero=False`` leaves dW and db unset for a first staging pass that overwrites them (saves a fill
-        pass over the fp32 [V, H])."""
+        """``zero=False`` leaves all three unset for a staging that overwrites them (``_StagedGradients(...,
+        overwrite=True)``): saves a fill pass over the fp32 [V, H] and one over the [N, H]."""
         accumulate = accumulation_dtype(weight.dtype)
         new = torch.zeros if zero else torch.empty
         return cls(
-            torch.zeros_like(hidden) if needs[0] else None,
+            (torch.zeros_like if zero else torch.empty_like)(hidden) if needs[0] else None,
             new(weight.shape, dtype=accumulate, device=weight.device) if needs[1] else None,
             new(weight.shape[0], dtype=accumulate, device=weight.device) if needs[2] else None,
         )
@@ -158,12 +158,14 @@ class _StagedGradients:
     def __init__(self, grads: _Gradients, hidden: Tensor, weight: Tensor, options: FusedOptions, held_bytes: int,
                  overwrite: bool = False, scratch_dtype: torch.dtype | None = None):  # fmt: skip
         """``held_bytes``: what the call's other working buffers hold (chunk buffers, per-row results), which the
-        staging's share of ``DevicePolicy.working_bytes`` leaves out. ``overwrite``: dW and db hold nothing yet
-        (``_Gradients.allocate(zero=False)``): the first pass sets them. ``scratch_dtype``: per-chunk logits of this
+        staging's share of ``DevicePolicy.working_bytes`` leaves out. ``overwrite``: the accumulators hold nothing
+        yet (``_Gradients.allocate(zero=False)``): the first pass sets dW and db, and each pass sets its rows of dH,
+        which only it writes (the forward stages every row once). ``scratch_dtype``: per-chunk logits of this
         dtype live in the unfilled rows (``logits_scratch``): they span ``C * itemsize / staging itemsize`` rows
         from the fill, the chunk's own dZ slot among them, so the buffer holds that many beyond one pass's dZ."""
         self.grads, self.hidden, self.weight = grads, hidden, weight
         self.overwrite = overwrite
+        self.hidden_rows_unset = overwrite
         policy = options.policy
         vocab = weight.shape[0]
         # staging rows per row of scratch logits; 0: no scratch
@@ -219,7 +221,7 @@ class _StagedGradients:
         grads = self.grads
         if grads.hidden is not None:
             gemm_grad = logit_grad if logit_grad.dtype == self.weight.dtype else logit_grad.to(self.weight.dtype)
-            grads.hidden[rows].addmm_(gemm_grad, self.weight)
+            grads.hidden[rows].addmm_(gemm_grad, self.weight, beta=0.0 if self.hidden_rows_unset else 1.0)
         if grads.weight is not None:
             _accumulate_weight_grad(grads.weight, logit_grad, self.hidden[rows], overwrite=self.overwrite)
         if grads.bias is not None:
