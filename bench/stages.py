@@ -24,7 +24,7 @@ import torch
 
 from bench import report
 from sdpo_ops import row_ops as torch_row_ops
-from sdpo_ops.row_outputs import RowOutputs
+from sdpo_ops.row_outputs import RowLossInputs, RowOutputs
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
@@ -68,6 +68,8 @@ def _row_stages(ops, student, teacher, targets, args) -> dict[str, Callable[[], 
     row_loss_args = (outputs, s_topk, t_topk, s_target, t_target, old_logprobs, row_weight)
     row_loss_options = {"add_tail": True, "alpha": args.alpha, "is_clip": 2.0}
     ops.row_loss_(*row_loss_args, **row_loss_options)
+    fused_outputs = RowOutputs.allocate(rows, args.topk, torch.float32, device)
+    fused_row_loss = RowLossInputs(fused_outputs, old_logprobs, row_weight, **row_loss_options)
     gemm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     logit_grad_out = torch.empty(student.shape, dtype=gemm_dtype, device=device)
     logit_grad_args = (student, lse, outputs.row_scale, outputs.dense_grad, index, outputs.sparse_grad, None, None)
@@ -75,15 +77,23 @@ def _row_stages(ops, student, teacher, targets, args) -> dict[str, Callable[[], 
         f"student_row_stats (lse + top-{args.topk} + target)": lambda: ops.student_row_stats(
             student, args.topk, targets
         ),
-        "student_row_stats + teacher (fused, as sdpo_loss runs it: + entropy, teacher lse + gather)": lambda: (
-            ops.student_row_stats(
-                student, args.topk, targets, entropy=entropy, teacher_logits=teacher, teacher_out=teacher_out
-            )
+        "student_row_stats + teacher + row loss (fused, as sdpo_loss runs it: + entropy, teacher lse + gather)": (
+            lambda: ops.student_row_stats(
+                student,
+                args.topk,
+                targets,
+                entropy=entropy,
+                teacher_logits=teacher,
+                teacher_out=teacher_out,
+                row_loss=fused_row_loss,
+            )  # fmt: skip
         ),
         "teacher_row_stats (lse + gather + target; the served top-K teacher's stage)": lambda: ops.teacher_row_stats(
             teacher, index, targets
         ),
-        "row_loss_ ([C, K+1] math)": lambda: ops.row_loss_(*row_loss_args, **row_loss_options),
+        "row_loss_ ([C, K+1] math; a launch for a served teacher)": lambda: ops.row_loss_(
+            *row_loss_args, **row_loss_options
+        ),
         "full_vocab_divergence": lambda: ops.full_vocab_divergence(student, teacher, lse, teacher_lse, args.alpha),
         f"logit_grad (top-K, {str(gemm_dtype).removeprefix('torch.')} out)": lambda: ops.logit_grad(
             *logit_grad_args, 1.0, out=logit_grad_out

@@ -12,7 +12,9 @@ Per chunk of C token rows (never a full ``[N, V]`` tensor):
    the student's: its bytes stream while the student's issue-bound work runs), then its logits at the student's
    top-K columns and at the target column (``teacher_row_stats``' work, fused).
 3. ``row_loss_``: the ``[C, K+1]`` math (tail bins, GJSD, its gradient coefficients, IS weight, row scale,
-   weighted loss) in one launch. Full-vocabulary mode runs ``full_vocab_divergence`` over both buffers first.
+   weighted loss). In top-K mode it runs in step 2's epilogue, on the statistics still in registers
+   (``student_row_stats(..., row_loss=)``); full-vocabulary mode runs ``full_vocab_divergence`` over both buffers,
+   then ``row_loss_`` as a launch of its own (its only one).
 4. Gradient. When the only differentiable output is a scalar (every reduction but ``"none"``) the gradient
    w.r.t. the logits is formed now by ``logit_grad``, written in the GEMM dtype into a staging buffer that
    holds the dZ of several chunks; when it is full, ``dH = dZ @ Ws`` and one ``dW += dZ^T @ hs`` over all its
@@ -23,8 +25,8 @@ Per chunk of C token rows (never a full ``[N, V]`` tensor):
    mode) and forms ``dZ`` then. The target log-prob output's gradient (a policy loss on the same call)
    always comes from such a recompute pass, run only when that output actually receives a gradient.
 
-Per chunk that is 5 launches (2 GEMMs and 3 row kernels on the Triton path; +1 per side for a bias in bf16),
-plus 2-3 per staging flush; ``tests/test_launch_budget.py``
+Per chunk that is 4 launches in top-K mode (2 GEMMs and 2 row kernels on the Triton path; 5 in full-vocabulary mode;
++1 per side for a bias in bf16), plus 2-3 per staging flush; ``tests/test_launch_budget.py``
 holds it to that. ``row_ops`` is ``sdpo_ops.row_ops`` (torch) or ``sdpo_ops.kernels.row_ops`` (Triton): the
 same host orchestration runs on CPU tests and on the GPU. On ``meta`` tensors the whole call runs as a dry
 run (shapes, allocations and launches only), which the cost model and the memory tests use.
@@ -32,9 +34,8 @@ run (shapes, allocations and launches only), which the cost model and the memory
 A teacher given as its top-K log-probs and ids (``TeacherTopKSDPOFunction``, SPEC 3.2: a served or cached teacher)
 runs the same loop without the teacher's GEMM, step 2 being one stage on the student's buffer:
 ``teacher_row_stats(zs, ids)`` gives the student's log-sum-exp, entropy and its logits at the teacher's ids and at the
-target; ``row_loss_`` then reads the teacher's log-probs with a teacher log-sum-exp of 0, and ``logit_grad`` scatters
-at the teacher's ids.
-3 GEMM-equivalents and 3 row kernels per chunk; backward is shared.
+target, and in its epilogue the row loss against the teacher's log-probs (a teacher log-sum-exp of 0); ``logit_grad``
+scatters at the teacher's ids. 3 GEMM-equivalents and 2 row kernels per chunk; backward is shared.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor
 
 from sdpo_ops.device_policy import DevicePolicy, dw_pass_chunks, mm_into_fp32, policy_for
-from sdpo_ops.row_outputs import RowOutputs
+from sdpo_ops.row_outputs import RowLossInputs, RowOutputs
 
 
 @dataclass(frozen=True)
@@ -340,11 +341,15 @@ class _HiddenTeacher:
         self.allocated_bytes = _nbytes(*outputs, *scratch)
         return outputs
 
-    def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, chunk_out: RowOutputs,
-                    targets: Tensor | None, on_load: dict) -> _ChunkStats:  # fmt: skip
+    def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, targets: Tensor | None,
+                    loss_inputs: RowLossInputs, on_load: dict) -> tuple[Tensor, Tensor, float] | None:  # fmt: skip
+        """The chunk's statistics and row loss into ``loss_inputs.rows``; returns ``logit_grad``'s ``teacher``
+        (full-vocabulary mode), else None."""
         count = zs.shape[0]
         topk = options.topk or 0
-        # the teacher's logits first: the student's stats stream them beside its own row (one launch for both)
+        chunk_out = loss_inputs.rows
+        # the teacher's logits first: the student's stats stream them beside its own row (one launch for both, and
+        # in top-K mode the row loss in its epilogue)
         if self.staged_logits is None:
             zt = self.buffer[:count]
         else:
@@ -355,15 +360,21 @@ class _HiddenTeacher:
         row_ops.student_row_stats(
             zs, topk, targets, out=(chunk_out.student_lse, s_topk, chunk_out.topk_index, s_target),
             entropy=chunk_out.entropy, teacher_logits=zt, teacher_out=(chunk_out.teacher_lse, t_topk, t_target),
-            **on_load,
+            row_loss=loss_inputs if topk > 0 else None, **on_load,
         )  # fmt: skip
-        if options.topk is None:
-            row_ops.full_vocab_divergence(
-                zs, zt, chunk_out.student_lse, chunk_out.teacher_lse, options.alpha,
-                out=(chunk_out.divergence, chunk_out.dense_grad), **on_load,
-            )  # fmt: skip
-            return _ChunkStats(None, None, s_target, t_target, (zt, chunk_out.teacher_lse, options.alpha))
-        return _ChunkStats(s_topk, t_topk, s_target, t_target, None)
+        if topk > 0:
+            return None
+        row_ops.full_vocab_divergence(
+            zs, zt, chunk_out.student_lse, chunk_out.teacher_lse, options.alpha,
+            out=(chunk_out.divergence, chunk_out.dense_grad), **on_load,
+        )  # fmt: skip
+        has_target = targets is not None
+        row_ops.row_loss_(
+            chunk_out, None, None, s_target if has_target else None, t_target if has_target else None,
+            loss_inputs.old_logprobs, loss_inputs.row_weight, add_tail=loss_inputs.add_tail, alpha=loss_inputs.alpha,
+            is_clip=loss_inputs.is_clip,
+        )  # fmt: skip
+        return zt, chunk_out.teacher_lse, options.alpha
 
     def release(self) -> None:
         self.buffer = self.staged = None
@@ -393,31 +404,23 @@ class _TopKLogprobTeacher:
         self.staged_logits = None  # no logits of its own
         return outputs
 
-    def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, chunk_out: RowOutputs,
-                    targets: Tensor | None, on_load: dict) -> _ChunkStats:  # fmt: skip
+    def chunk_stats(self, row_ops: ModuleType, options: FusedOptions, zs: Tensor, rows: slice, targets: Tensor | None,
+                    loss_inputs: RowLossInputs, on_load: dict) -> None:  # fmt: skip
         count = zs.shape[0]
+        chunk_out = loss_inputs.rows
         s_topk, s_target = self.student_topk[:count], self.student_target[:count]
+        # the row loss in the same launch, against the teacher's log-probs (log-sum-exp and target logit 0)
         row_ops.teacher_row_stats(
             zs, chunk_out.topk_index, targets, out=(chunk_out.student_lse, s_topk, s_target),
-            entropy=chunk_out.entropy, **on_load,
+            entropy=chunk_out.entropy, row_loss=loss_inputs._replace(served_teacher_logprobs=self.logprobs[rows]),
+            **on_load,
         )  # fmt: skip
-        return _ChunkStats(s_topk, self.logprobs[rows], s_target, chunk_out.teacher_lse, None)
 
     def release(self) -> None:
         pass
 
     def saved(self) -> tuple[None, None, None]:
         return None, None, None  # the backward of a top-K teacher never reads a teacher tensor
-
-
-class _ChunkStats(NamedTuple):
-    """What ``row_loss_`` and ``logit_grad`` read for one chunk beside ``RowOutputs``."""
-
-    student_topk: Tensor | None  # [C, K] the student's logits on the support (None: full vocabulary)
-    teacher_topk: Tensor | None  # [C, K] the teacher's logits (or log-probs) there
-    student_target: Tensor  # [C] the student's logit at the target (zeros without targets)
-    teacher_target: Tensor  # [C]
-    full_vocab_teacher: tuple[Tensor, Tensor, float] | None  # logit_grad's ``teacher`` in full-vocabulary mode
 
 
 def _fused_forward(
@@ -468,27 +471,18 @@ def _fused_forward(
         pre_scale = _logits_into(zs, student_hidden[rows], student_weight, student_bias, options)
         # what the GEMM's epilogue did not apply (scale, softcap), every row stage applies on load
         on_load = {"pre_scale": pre_scale, "softcap_bound": options.softcap_bound}
-        stats = teacher.chunk_stats(row_ops, options, zs, rows, chunk_out, targets, on_load)
-        has_target = targets is not None
-        row_ops.row_loss_(
-            chunk_out,
-            stats.student_topk,
-            stats.teacher_topk,
-            stats.student_target if has_target else None,
-            stats.teacher_target if has_target else None,
-            None if old_logprobs is None else old_logprobs[rows],
-            row_weight[rows],
-            add_tail=options.add_tail,
-            alpha=options.alpha,
-            is_clip=options.is_clip,
-        )
+        loss_inputs = RowLossInputs(
+            chunk_out, None if old_logprobs is None else old_logprobs[rows], row_weight[rows], options.add_tail,
+            options.alpha, options.is_clip,
+        )  # fmt: skip
+        full_vocab_teacher = teacher.chunk_stats(row_ops, options, zs, rows, targets, loss_inputs, on_load)
         if form_grad_now:
             row_scale = chunk_out.row_scale
             if grad_row_scale is not None:  # fp16: dZ scaled by a power of two, taken out at the hand-over
                 row_scale = torch.mul(row_scale, grads.scale, out=grad_row_scale[: rows.stop - rows.start])
             row_ops.logit_grad(
                 zs, chunk_out.student_lse, row_scale, chunk_out.dense_grad, chunk_out.topk_index,
-                chunk_out.sparse_grad, None, None, options.grad_scale, stats.full_vocab_teacher,
+                chunk_out.sparse_grad, None, None, options.grad_scale, full_vocab_teacher,
                 out=staged.slot(rows), **on_load,
             )  # fmt: skip
     if staged is not None:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from sdpo_ops.divergence import generalized_jsd_and_grad, topk_divergence
 from sdpo_ops.reference import importance_weight
-from sdpo_ops.row_outputs import RowOutputs
+from sdpo_ops.row_outputs import RowLossInputs, RowOutputs
 
 
 def _on_load(buffer: Tensor, pre_scale: float, softcap_bound: float | None) -> Tensor:
@@ -59,9 +59,11 @@ def student_row_stats(
     entropy: Tensor | None = None,
     teacher_logits: Tensor | None = None,
     teacher_out: tuple[Tensor, Tensor, Tensor] | None = None,
+    row_loss: RowLossInputs | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-sum-exp, top-K and target logit per row of the student's logits; with ``teacher_logits``, also
-    ``teacher_row_stats`` of the teacher's at the student's top-K columns (the Triton kernel fuses both).
+    ``teacher_row_stats`` of the teacher's at the student's top-K columns, and with ``row_loss`` then the chunk's
+    ``row_loss_`` from these statistics (the Triton kernel fuses all three into one launch).
 
     Args:
         logits: [C, V] fp32.
@@ -71,6 +73,8 @@ def student_row_stats(
         entropy: [C] to write each row's entropy into (of ``softmax(logits)``), or None.
         teacher_logits: [C, V] fp32 or None; teacher_out: ``(teacher_lse, teacher_topk_logits, teacher_target_logit)``
             to write ``teacher_row_stats(teacher_logits, topk_index, target_ids)`` into, required with it.
+        row_loss: with a teacher and ``topk > 0``: ``row_loss_(row_loss.rows, <the two top-K>, <the two target
+            logits>, ...)`` on the statistics just computed (``rows``' log-sum-exps read as written here).
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``; ``target_logit`` is
         zeros when ``target_ids`` is None. Top-K order is unspecified (ties: any consistent choice).
@@ -90,7 +94,17 @@ def student_row_stats(
         teacher_row_stats(
             teacher_logits, topk_index, target_ids, out=teacher_out, pre_scale=pre_scale, softcap_bound=softcap_bound
         )
-    return _into(out, (lse, topk_logits, topk_index, target_logit))
+    out = _into(out, (lse, topk_logits, topk_index, target_logit))
+    if row_loss is not None:
+        if teacher_logits is None or topk == 0:
+            raise ValueError("row_loss needs teacher_logits and topk > 0 (the support the row loss is over)")
+        has_target = target_ids is not None
+        row_loss_(
+            row_loss.rows._replace(student_lse=out[0], teacher_lse=teacher_out[0]), out[1], teacher_out[1],
+            out[3] if has_target else None, teacher_out[2] if has_target else None, row_loss.old_logprobs,
+            row_loss.row_weight, add_tail=row_loss.add_tail, alpha=row_loss.alpha, is_clip=row_loss.is_clip,
+        )  # fmt: skip
+    return out
 
 
 def teacher_row_stats(
@@ -102,6 +116,7 @@ def teacher_row_stats(
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
     entropy: Tensor | None = None,
+    row_loss: RowLossInputs | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-sum-exp per row of the teacher's logits, the logits at the given columns and at the target.
 
@@ -111,6 +126,8 @@ def teacher_row_stats(
         target_ids: [C] int64 or None.
         out: ``(lse, gathered, target_logit)`` to write into, else allocated.
         entropy: [C] to write each row's entropy into (a top-K teacher's stage reads the student's logits), or None.
+        row_loss: for a served teacher (``logits`` the student's, ``index`` its ids), with ``served_teacher_logprobs``
+            [C, J]: then ``row_loss_`` on these statistics against them (log-sum-exp and target logit 0).
     Returns:
         ``(lse [C], gathered [C, J], target_logit [C])``; ``target_logit`` is zeros without targets.
     """
@@ -118,7 +135,19 @@ def teacher_row_stats(
     lse = torch.logsumexp(logits, dim=-1)
     _entropy_into(entropy, logits)
     target_logit = torch.zeros_like(lse) if target_ids is None else logits.gather(1, target_ids[:, None]).squeeze(1)
-    return _into(out, (lse, logits.gather(1, index), target_logit))
+    out = _into(out, (lse, logits.gather(1, index), target_logit))
+    if row_loss is not None:
+        served = row_loss.served_teacher_logprobs
+        if served is None or served.shape != index.shape:
+            raise ValueError(f"row_loss needs served_teacher_logprobs of shape [C, J] = {list(index.shape)}")
+        zeros = torch.zeros_like(out[0])  # the served teacher's log-sum-exp and target logit
+        has_target = target_ids is not None
+        row_loss_(
+            row_loss.rows._replace(student_lse=out[0], teacher_lse=zeros), out[1], served,
+            out[2] if has_target else None, zeros if has_target else None, row_loss.old_logprobs, row_loss.row_weight,
+            add_tail=row_loss.add_tail, alpha=row_loss.alpha, is_clip=row_loss.is_clip,
+        )  # fmt: skip
+    return out
 
 
 def full_vocab_divergence(

@@ -62,3 +62,18 @@ class RowOutputs(NamedTuple):
     def rows(self, rows: slice) -> RowOutputs:
         """Views of the rows of one chunk."""
         return RowOutputs(*(field[rows] for field in self))
+
+
+class RowLossInputs(NamedTuple):
+    """What the row loss reads beyond a chunk's statistics: ``row_loss_``'s remaining arguments, handed to
+    ``student_row_stats(..., row_loss=)`` to run it in that launch's epilogue."""
+
+    rows: RowOutputs  # the chunk's rows: written
+    old_logprobs: Tensor | None  # [C]
+    row_weight: Tensor  # [C]
+    add_tail: bool
+    alpha: float
+    is_clip: float | None
+    # a served teacher's top-K log-probs [C, K] at the support (``teacher_row_stats`` then reads the student's
+    # buffer: the teacher side is these, with a log-sum-exp and target logit of 0); None: a teacher given as logits
+    served_teacher_logprobs: Tensor | None = None

@@ -258,7 +258,7 @@ def test_stage_timer_times_every_row_stage_of_each_namespace(tmp_path):
     written = json.loads((tmp_path / "stages.json").read_text())
     stage_names = [row["stage"] for row in written["rows"]]
     assert stage_names[0].startswith("chunk GEMM") and len(stage_names) == 7
-    assert any(name.startswith("student_row_stats + teacher (fused") for name in stage_names)
+    assert any(name.startswith("student_row_stats + teacher + row loss (fused") for name in stage_names)
     assert {"student_row_stats", "teacher_row_stats", "row_loss_", "full_vocab_divergence", "logit_grad"} == {
         name.split(" ")[0] for name in stage_names[1:]
     }

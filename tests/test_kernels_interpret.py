@@ -20,7 +20,7 @@ from sdpo_ops import row_ops as torch_ops
 from sdpo_ops.kernels import row_ops as triton_ops
 from sdpo_ops.kernels.launch import readable_width
 from sdpo_ops.reference import entropy_of, generalized_jsd
-from sdpo_ops.row_outputs import RowOutputs
+from sdpo_ops.row_outputs import RowLossInputs, RowOutputs
 
 # The interpreter evaluates IEEE arithmetic with numpy, which warns where a GPU is silent: log(0) = -inf for a
 # fully masked row, and -inf - -inf = NaN in lanes that a where() then discards.
@@ -573,6 +573,88 @@ def test_row_loss_tail_is_exact_near_full_mass():
     t = torch.log_softmax(teacher.double(), -1)
     expected = generalized_jsd(s, t, 0.5)  # the tail bin is the sixth column itself
     _assert_close(outputs.divergence, expected.float(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("C,V,K", [(5, 33, 8), (4, 100, 20)])
+@pytest.mark.parametrize("add_tail,alpha,is_clip", [(True, 0.5, 2.0), (False, 1.0, None), (True, 0.0, 2.0)])
+@pytest.mark.parametrize("has_target", [True, False])
+def test_row_loss_in_the_stats_epilogue_equals_its_own_launch(C, V, K, add_tail, alpha, is_clip, has_target):
+    # student_row_stats(..., row_loss=) computes the row loss from its registers; the same math as row_loss_ reading
+    # the statistics back from memory, and as the torch twin (masked rows, NaN-garbage padding rows included)
+    student, teacher = _masked_pair(C, V, seed=C + V + K)
+    gen = torch.Generator().manual_seed(K)
+    targets = torch.randint(0, V, (C,), generator=gen) if has_target else None
+    old_logprobs = -torch.rand(C, generator=gen) * 6
+    row_weight = (torch.rand(C, generator=gen) > 0.3).float() * torch.rand(C, generator=gen)
+
+    def stats(ops, fused: bool) -> RowOutputs:
+        rows = RowOutputs.allocate(C, K, torch.float32, torch.device("cpu"))
+        s_topk, s_target, t_topk, t_target = torch.empty(C, K), torch.empty(C), torch.empty(C, K), torch.empty(C)
+        inputs = RowLossInputs(rows, old_logprobs, row_weight, add_tail, alpha, is_clip)
+        ops.student_row_stats(
+            student, K, targets, out=(rows.student_lse, s_topk, rows.topk_index, s_target), entropy=rows.entropy,
+            teacher_logits=teacher, teacher_out=(rows.teacher_lse, t_topk, t_target),
+            row_loss=inputs if fused else None,
+        )  # fmt: skip
+        if not fused:
+            ops.row_loss_(rows, s_topk, t_topk, s_target if has_target else None, t_target if has_target else None,
+                          old_logprobs, row_weight, add_tail=add_tail, alpha=alpha, is_clip=is_clip)  # fmt: skip
+        return rows
+
+    fused, separate, twin = stats(triton_ops, True), stats(triton_ops, False), stats(torch_ops, True)
+    for name, actual, one_by_one in zip(RowOutputs._fields, fused, separate, strict=True):
+        # the interpreter evaluates both with the same numpy ops in the same order: equal, NaN where NaN
+        assert torch.equal(actual.nan_to_num(7.0), one_by_one.nan_to_num(7.0)), name
+    # the twin's top-K comes unsorted (torch.topk): compare what does not depend on the order of the support
+    for name in ("loss", "divergence", "target_logprobs", "is_weight", "topk_mass", "row_scale", "dense_grad"):
+        _assert_close(getattr(fused, name), getattr(twin, name), msg=name)
+    assert fused.loss[row_weight == 0].eq(0).all()
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("add_tail,alpha,is_clip", [(True, 0.5, 2.0), (False, 1.0, None)])
+@pytest.mark.parametrize("has_target", [True, False])
+def test_row_loss_in_the_served_teacher_stage_equals_its_own_launch(add_tail, alpha, is_clip, has_target):
+    # a served teacher: teacher_row_stats reads the student's row at the teacher's ids; its row loss against the
+    # teacher's log-probs (log-sum-exp and target logit 0) equals row_loss_ launched after it, and the torch twin
+    C, V, K = 5, 40, 6
+    student, _ = _masked_pair(C, V, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.stack([torch.randperm(V, generator=gen)[:K] for _ in range(C)])
+    logprobs = torch.log_softmax(torch.randn(C, V, generator=gen), -1).gather(1, ids)
+    targets = torch.randint(0, V, (C,), generator=gen) if has_target else None
+    old_logprobs, row_weight = -torch.rand(C, generator=gen) * 6, (torch.rand(C, generator=gen) > 0.3).float()
+
+    def stats(ops, fused: bool) -> RowOutputs:
+        rows = RowOutputs.allocate(C, K, torch.float32, torch.device("cpu"), topk_index=ids)
+        rows.teacher_lse.zero_()
+        s_topk, s_target = torch.empty(C, K), torch.empty(C)
+        inputs = RowLossInputs(rows, old_logprobs, row_weight, add_tail, alpha, is_clip, logprobs)
+        ops.teacher_row_stats(student, ids, targets, out=(rows.student_lse, s_topk, s_target), entropy=rows.entropy,
+                              row_loss=inputs if fused else None)  # fmt: skip
+        if not fused:
+            ops.row_loss_(rows, s_topk, logprobs, s_target if has_target else None,
+                          rows.teacher_lse if has_target else None, old_logprobs, row_weight, add_tail=add_tail,
+                          alpha=alpha, is_clip=is_clip)  # fmt: skip
+        return rows
+
+    fused, separate, twin = stats(triton_ops, True), stats(triton_ops, False), stats(torch_ops, True)
+    for name, actual, one_by_one, wanted in zip(RowOutputs._fields, fused, separate, twin, strict=True):
+        assert torch.equal(actual.nan_to_num(7.0), one_by_one.nan_to_num(7.0)), name
+        _assert_close(actual, wanted, msg=name)  # the support is the teacher's ids, in the same order on both
+    with pytest.raises(ValueError, match="served_teacher_logprobs"):
+        triton_ops.teacher_row_stats(student, ids, targets, row_loss=RowLossInputs(fused, None, row_weight, True,
+                                                                                   0.5, None))  # fmt: skip
+
+
+def test_row_loss_in_the_stats_needs_a_teacher_and_a_support():
+    logits = torch.randn(2, 9)
+    rows = RowOutputs.allocate(2, 3, torch.float32, torch.device("cpu"))
+    inputs = RowLossInputs(rows, None, torch.ones(2), True, 0.5, None)
+    for ops in (torch_ops, triton_ops):
+        with pytest.raises(ValueError, match="row_loss needs teacher_logits"):
+            ops.student_row_stats(logits, 3, None, row_loss=inputs)
 
 
 # ---------------------------------------------------------------- logit_grad

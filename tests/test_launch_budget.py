@@ -54,11 +54,14 @@ def test_launches_per_chunk_within_budget(mode):
     for phase in ("forward", "backward"):
         launches = traced.launches(phase)
         assert launches <= LAUNCHES_PER_CHUNK * CHUNKS + LAUNCHES_PER_CALL, f"{phase}: {launches} over {CHUNKS} chunks"
-    # per chunk in forward: the student's stats with the teacher's fused in, the row loss (+ the full-vocabulary
-    # divergence), and the logit gradient when it is formed in forward (a scalar reduction); nothing more
+    # per chunk in forward: the student's stats with the teacher's and (top-K) the row loss fused in; in
+    # full-vocabulary mode the divergence and the row loss after it; and the logit gradient when it is formed in
+    # forward (a scalar reduction); nothing more
     triton = [step for step in traced.steps if step.kind == "triton" and step.phase == "forward"]
-    per_chunk = 2 + (options["topk"] is None) + (options.get("reduction") != "none")
+    full_vocab = options["topk"] is None
+    per_chunk = 1 + 2 * full_vocab + (options.get("reduction") != "none")
     assert not [step for step in triton if step.name == "_teacher_row_stats_kernel"]
+    assert bool([step for step in triton if step.name == "_row_loss_kernel"]) == full_vocab
     assert len(triton) == per_chunk * CHUNKS
 
 

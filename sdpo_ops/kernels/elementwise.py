@@ -50,15 +50,17 @@ def _on_load(y, pre_scale, softcap_bound, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _store_target_logit(row_ptr, stride_v, target_ids_ptr, target_logit_ptr, row, V, pre_scale, softcap_bound,
                         HAS_TARGET: tl.constexpr, HAS_SOFTCAP: tl.constexpr):  # fmt: skip
-    """``target_logit[row] = z[target[row]]`` (0 without targets); an out-of-range id (a caller bug) reads
-    nothing and gives NaN instead of touching other memory."""
+    """``target_logit[row] = z[target[row]]`` (0 without targets), also returned; an out-of-range id (a caller bug)
+    reads nothing and gives NaN instead of touching other memory."""
     if HAS_TARGET:
         target = tl.load(target_ids_ptr + row)
         in_range = (target >= 0) & (target < V)
         y = tl.load(row_ptr + target * stride_v, mask=in_range, other=float("nan")).to(tl.float32)
-        tl.store(target_logit_ptr + row, _on_load(y, pre_scale, softcap_bound, HAS_SOFTCAP))
+        y = _on_load(y, pre_scale, softcap_bound, HAS_SOFTCAP)
     else:
-        tl.store(target_logit_ptr + row, 0.0)
+        y = 0.0
+    tl.store(target_logit_ptr + row, y)
+    return y
 
 
 # The running maxima of the online log-sum-exp start at this floor, not -inf: below every finite logit (in base 2),

@@ -15,7 +15,10 @@ Per row, from the row statistics (``sdpo_ops.divergence`` is the torch statement
     loss = row_scale * D (a select as well)
 
 All outputs are written for every row. Before this kernel the same work was ~80 small torch launches per
-chunk (the review counted ~90 per chunk in top-K mode); now it is one.
+chunk (the review counted ~90 per chunk in top-K mode); then it was one; with a teacher given as logits in top-K
+mode it is none: ``student_row_stats`` calls ``_row_loss_epilogue`` on its registers. A served top-K teacher's
+stage (``teacher_row_stats``) calls it too. The ``row_loss_`` launch remains where no stats kernel holds the
+statistics: full-vocabulary mode, after ``full_vocab_divergence``.
 """
 
 from __future__ import annotations
@@ -28,9 +31,17 @@ from sdpo_ops.kernels.elementwise import _expm1
 from sdpo_ops.kernels.full_vocab_divergence import _gjsd_terms, gjsd_launch_args
 from sdpo_ops.kernels.launch import launch, runs_on_gpu
 from sdpo_ops.reference import IS_LOG_RATIO_LIMIT, TAIL_LOG_MASS_MAX
-from sdpo_ops.row_outputs import RowOutputs
+from sdpo_ops.row_outputs import RowLossInputs, RowOutputs
 
 _NUM_WARPS = {"cuda": 4, "interpret": 1}
+
+
+# ``_row_loss_epilogue``'s pointer arguments, in order: what it reads (old log-probs, row weights) and writes.
+_ROW_LOSS_POINTERS = (
+    "old_logprobs_ptr", "row_weight_ptr", "loss_ptr", "divergence_ptr", "target_logprobs_ptr",
+    "teacher_target_logprobs_ptr", "is_weight_ptr", "topk_mass_ptr", "row_scale_ptr", "dense_grad_ptr",
+    "sparse_grad_ptr",
+)  # fmt: skip
 
 
 @triton.jit
@@ -45,6 +56,99 @@ def _logsumexp(x):
 def _tail_log_mass(logp, TAIL_MAX: tl.constexpr):
     log_mass = _logsumexp(logp)
     return tl.log(-_expm1(tl.minimum(log_mass, TAIL_MAX))), log_mass > TAIL_MAX
+
+
+@triton.jit
+def _row_loss_epilogue(
+    row,
+    s,
+    t,
+    offs_k,
+    K,
+    student_lse,
+    teacher_lse,
+    student_target,
+    teacher_target,
+    old_logprobs_ptr,
+    row_weight_ptr,
+    loss_ptr,
+    divergence_ptr,
+    target_logprobs_ptr,
+    teacher_target_logprobs_ptr,
+    is_weight_ptr,
+    topk_mass_ptr,
+    row_scale_ptr,
+    dense_grad_ptr,
+    sparse_grad_ptr,
+    is_clip,
+    alpha,
+    log_one_minus_alpha,
+    log_alpha,
+    stride_sparse_grad,
+    HAS_SUPPORT: tl.constexpr,
+    ADD_TAIL: tl.constexpr,
+    HAS_TARGET: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    ALPHA_MODE: tl.constexpr,
+    TAIL_MAX: tl.constexpr,
+    LOG_RATIO_LIMIT: tl.constexpr,
+):
+    """One row's loss, outputs and gradient coefficients (the module docstring), written at ``row``, from its
+    statistics in registers: ``s``, ``t`` the student's and teacher's logits at the support (lanes ``offs_k``, -inf
+    from K on; unread without HAS_SUPPORT), the two log-sum-exps and target logits (unread without HAS_TARGET).
+    ``row_loss_`` loads them; ``student_row_stats`` calls this on its own registers (no launch, no round trip)."""
+    in_k = offs_k < K
+    if HAS_SUPPORT:
+        s = s - student_lse
+        t = t - teacher_lse
+        topk_mass = tl.sum(tl.exp(s), axis=0)
+        if ADD_TAIL:
+            student_tail, clamped = _tail_log_mass(s, TAIL_MAX)
+            teacher_tail, _ = _tail_log_mass(t, TAIL_MAX)
+            terms, grad = _gjsd_terms(s, t, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE)
+            tail_term, tail_grad = _gjsd_terms(
+                student_tail, teacher_tail, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE
+            )
+            divergence = tl.sum(terms, axis=0) + tail_term
+            # d tail / d s_k = -exp(s_k - tail); no tail gradient where the mass was clamped
+            tail_grad = tl.where(clamped, 0.0, tail_grad)
+            sparse = grad - tail_grad * tl.exp(s - student_tail)
+            dense = tl.sum(tl.where(in_k, sparse, 0.0), axis=0)
+        else:
+            s = s - _logsumexp(s)
+            t = t - _logsumexp(t)
+            terms, grad = _gjsd_terms(s, t, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE)
+            divergence = tl.sum(terms, axis=0)
+            sparse = grad - tl.exp(s) * tl.sum(tl.where(in_k, grad, 0.0), axis=0)
+            dense = 0.0
+        tl.store(sparse_grad_ptr + row * stride_sparse_grad + offs_k, sparse, mask=in_k)
+        tl.store(dense_grad_ptr + row, dense)
+        tl.store(divergence_ptr + row, divergence)
+    else:
+        divergence = tl.load(divergence_ptr + row).to(tl.float32)
+        topk_mass = 1.0
+    tl.store(topk_mass_ptr + row, topk_mass)
+
+    if HAS_TARGET:
+        target_logprob = student_target - student_lse
+        teacher_target_logprob = teacher_target - teacher_lse
+    else:
+        target_logprob = 0.0
+        teacher_target_logprob = 0.0
+    tl.store(target_logprobs_ptr + row, target_logprob)
+    tl.store(teacher_target_logprobs_ptr + row, teacher_target_logprob)
+
+    if HAS_IS:
+        old = tl.load(old_logprobs_ptr + row).to(tl.float32)
+        log_ratio = tl.minimum(tl.maximum(target_logprob - old, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT)
+        is_weight = tl.minimum(tl.exp(log_ratio), is_clip)
+    else:
+        is_weight = 1.0
+    row_weight = tl.load(row_weight_ptr + row).to(tl.float32)
+    row_scale = tl.where(row_weight != 0, row_weight * is_weight, 0.0)
+    tl.store(is_weight_ptr + row, is_weight)
+    tl.store(row_scale_ptr + row, row_scale)
+    tl.store(loss_ptr + row, tl.where(row_scale != 0, row_scale * divergence, 0.0))
 
 
 @triton.jit
@@ -84,64 +188,65 @@ def _row_loss_kernel(
     LOG_RATIO_LIMIT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    student_lse = tl.load(student_lse_ptr + row).to(tl.float32)
-    teacher_lse = tl.load(teacher_lse_ptr + row).to(tl.float32)
-
+    offs_k = tl.arange(0, BLOCK_K)
     if HAS_SUPPORT:
-        offs_k = tl.arange(0, BLOCK_K)
         in_k = offs_k < K
         s = tl.load(student_topk_ptr + row * stride_student_topk + offs_k, mask=in_k, other=-float("inf"))
         t = tl.load(teacher_topk_ptr + row * stride_teacher_topk + offs_k, mask=in_k, other=-float("inf"))
-        s = s.to(tl.float32) - student_lse
-        t = t.to(tl.float32) - teacher_lse
-        topk_mass = tl.sum(tl.exp(s), axis=0)
-        if ADD_TAIL:
-            student_tail, clamped = _tail_log_mass(s, TAIL_MAX)
-            teacher_tail, _ = _tail_log_mass(t, TAIL_MAX)
-            terms, grad = _gjsd_terms(s, t, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE)
-            tail_term, tail_grad = _gjsd_terms(
-                student_tail, teacher_tail, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE
-            )
-            divergence = tl.sum(terms, axis=0) + tail_term
-            # d tail / d s_k = -exp(s_k - tail); no tail gradient where the mass was clamped
-            tail_grad = tl.where(clamped, 0.0, tail_grad)
-            sparse = grad - tail_grad * tl.exp(s - student_tail)
-            dense = tl.sum(tl.where(in_k, sparse, 0.0), axis=0)
-        else:
-            s = s - _logsumexp(s)
-            t = t - _logsumexp(t)
-            terms, grad = _gjsd_terms(s, t, alpha, log_one_minus_alpha, log_alpha, ALPHA_MODE)
-            divergence = tl.sum(terms, axis=0)
-            sparse = grad - tl.exp(s) * tl.sum(tl.where(in_k, grad, 0.0), axis=0)
-            dense = 0.0
-        tl.store(sparse_grad_ptr + row * stride_sparse_grad + offs_k, sparse, mask=in_k)
-        tl.store(dense_grad_ptr + row, dense)
-        tl.store(divergence_ptr + row, divergence)
+        s, t = s.to(tl.float32), t.to(tl.float32)
     else:
-        divergence = tl.load(divergence_ptr + row).to(tl.float32)
-        topk_mass = 1.0
-    tl.store(topk_mass_ptr + row, topk_mass)
-
+        s, t = 0.0, 0.0
     if HAS_TARGET:
-        target_logprob = tl.load(student_target_ptr + row).to(tl.float32) - student_lse
-        teacher_target_logprob = tl.load(teacher_target_ptr + row).to(tl.float32) - teacher_lse
+        student_target = tl.load(student_target_ptr + row).to(tl.float32)
+        teacher_target = tl.load(teacher_target_ptr + row).to(tl.float32)
     else:
-        target_logprob = 0.0
-        teacher_target_logprob = 0.0
-    tl.store(target_logprobs_ptr + row, target_logprob)
-    tl.store(teacher_target_logprobs_ptr + row, teacher_target_logprob)
+        student_target, teacher_target = 0.0, 0.0
+    _row_loss_epilogue(
+        row, s, t, offs_k, K, tl.load(student_lse_ptr + row).to(tl.float32),
+        tl.load(teacher_lse_ptr + row).to(tl.float32), student_target, teacher_target, old_logprobs_ptr,
+        row_weight_ptr, loss_ptr, divergence_ptr, target_logprobs_ptr, teacher_target_logprobs_ptr, is_weight_ptr,
+        topk_mass_ptr, row_scale_ptr, dense_grad_ptr, sparse_grad_ptr, is_clip, alpha, log_one_minus_alpha,
+        log_alpha, stride_sparse_grad, HAS_SUPPORT, ADD_TAIL, HAS_TARGET, HAS_IS, ALPHA_MODE, TAIL_MAX,
+        LOG_RATIO_LIMIT,
+    )  # fmt: skip
 
-    if HAS_IS:
-        old = tl.load(old_logprobs_ptr + row).to(tl.float32)
-        log_ratio = tl.minimum(tl.maximum(target_logprob - old, -LOG_RATIO_LIMIT), LOG_RATIO_LIMIT)
-        is_weight = tl.minimum(tl.exp(log_ratio), is_clip)
-    else:
-        is_weight = 1.0
-    row_weight = tl.load(row_weight_ptr + row).to(tl.float32)
-    row_scale = tl.where(row_weight != 0, row_weight * is_weight, 0.0)
-    tl.store(is_weight_ptr + row, is_weight)
-    tl.store(row_scale_ptr + row, row_scale)
-    tl.store(loss_ptr + row, tl.where(row_scale != 0, row_scale * divergence, 0.0))
+
+def row_loss_launch_args(inputs: RowLossInputs | None, has_support: bool, has_target: bool,
+                         placeholder: Tensor | None = None) -> dict:  # fmt: skip
+    """The arguments ``_row_loss_epilogue`` takes from its caller's launch, both kernels' (unit-stride rows: a caller's
+    per-row tensor may be a strided view). ``inputs`` None (a launch without the row loss): every pointer is
+    ``placeholder``, never read."""
+    if inputs is None:
+        pointers = dict.fromkeys(_ROW_LOSS_POINTERS, placeholder)
+        return pointers | dict(is_clip=1.0, stride_sparse_grad=0, HAS_SUPPORT=has_support, ADD_TAIL=False,
+                               HAS_TARGET=has_target, HAS_IS=False, **gjsd_launch_args(0.0), TAIL_MAX=0.0,
+                               LOG_RATIO_LIMIT=0.0)  # fmt: skip
+    rows = inputs.rows
+    has_is = inputs.old_logprobs is not None and inputs.is_clip is not None
+    pointers = (
+        inputs.old_logprobs.contiguous() if has_is else rows.loss,  # never read without HAS_IS
+        inputs.row_weight.contiguous(),
+        rows.loss,
+        rows.divergence,
+        rows.target_logprobs,
+        rows.teacher_target_logprobs,
+        rows.is_weight,
+        rows.topk_mass,
+        rows.row_scale,
+        rows.dense_grad,
+        rows.sparse_grad,
+    )
+    return dict(zip(_ROW_LOSS_POINTERS, pointers, strict=True)) | dict(
+        is_clip=float(inputs.is_clip) if has_is else 1.0,
+        stride_sparse_grad=rows.sparse_grad.stride(0),
+        HAS_SUPPORT=has_support,
+        ADD_TAIL=bool(inputs.add_tail),
+        HAS_TARGET=has_target,
+        HAS_IS=has_is,
+        **gjsd_launch_args(inputs.alpha),
+        TAIL_MAX=TAIL_LOG_MASS_MAX,
+        LOG_RATIO_LIMIT=float(IS_LOG_RATIO_LIMIT),
+    )
 
 
 def row_loss_(
@@ -177,12 +282,8 @@ def row_loss_(
     has_target = student_target_logit is not None
     if has_target != (teacher_target_logit is not None):
         raise ValueError("student_target_logit and teacher_target_logit must be given together")
-    has_is = old_logprobs is not None and is_clip is not None
     if C == 0:
         return
-    # the kernel reads per-row vectors with unit stride (a caller's tensor may be a strided view)
-    row_weight = row_weight.contiguous()
-    old_logprobs = None if old_logprobs is None else old_logprobs.contiguous()
     if has_target:
         student_target_logit, teacher_target_logit = (
             student_target_logit.contiguous(),
@@ -190,6 +291,7 @@ def row_loss_(
         )
     placeholder = rows.loss  # never read: its constexpr flag compiles the read away
     num_warps = _NUM_WARPS["cuda" if runs_on_gpu(rows.loss) else "interpret"]
+    inputs = RowLossInputs(rows, old_logprobs, row_weight, add_tail, alpha, is_clip)
     launch(
         _row_loss_kernel,
         (C,),
@@ -199,30 +301,11 @@ def row_loss_(
         teacher_topk_ptr=teacher_topk_logits if has_support else placeholder,
         student_target_ptr=student_target_logit if has_target else placeholder,
         teacher_target_ptr=teacher_target_logit if has_target else placeholder,
-        old_logprobs_ptr=old_logprobs if has_is else placeholder,
-        row_weight_ptr=row_weight,
         student_lse_ptr=rows.student_lse,
         teacher_lse_ptr=rows.teacher_lse,
-        loss_ptr=rows.loss,
-        divergence_ptr=rows.divergence,
-        target_logprobs_ptr=rows.target_logprobs,
-        teacher_target_logprobs_ptr=rows.teacher_target_logprobs,
-        is_weight_ptr=rows.is_weight,
-        topk_mass_ptr=rows.topk_mass,
-        row_scale_ptr=rows.row_scale,
-        dense_grad_ptr=rows.dense_grad,
-        sparse_grad_ptr=rows.sparse_grad,
         K=K,
-        is_clip=float(is_clip) if has_is else 1.0,
         stride_student_topk=student_topk_logits.stride(0) if has_support else 0,
         stride_teacher_topk=teacher_topk_logits.stride(0) if has_support else 0,
-        stride_sparse_grad=rows.sparse_grad.stride(0),
-        HAS_SUPPORT=has_support,
-        ADD_TAIL=bool(add_tail),
-        HAS_TARGET=has_target,
-        HAS_IS=has_is,
-        **gjsd_launch_args(alpha),
         BLOCK_K=max(triton.next_power_of_2(K), 2),
-        TAIL_MAX=TAIL_LOG_MASS_MAX,
-        LOG_RATIO_LIMIT=float(IS_LOG_RATIO_LIMIT),
+        **row_loss_launch_args(inputs, has_support, has_target),
     )

@@ -34,6 +34,9 @@ Per row ``z`` (``[V]`` fp32, already divided by the temperature):
              disappear. After the top-K, ``u`` at its K columns and at the target (K + 1 scattered reads, the columns
              still in registers) into ``teacher_topk [C, K]`` and ``teacher_target [C]``: no row_loss or extra
              launch needs the top-K columns back from memory.
+    row loss (HAS_ROW_LOSS: a teacher and a top-K) ``row_loss._row_loss_epilogue`` on the statistics still in
+             registers: the chunk's loss, IS weight and gradient coefficients with no launch of their own and no
+             [C, K] round trip (the ``row_loss_`` kernel runs the same function on loaded values).
 
 The bitonic work touches ~K + NB_PAD keys per row instead of V (plus one threshold compare per candidate key:
 K * SUB). Written: ``lse [C]``; the first K of the running set unpacked to ``topk_logits [C, K]`` (exact: the key
@@ -49,7 +52,8 @@ registers, 2 CTAs per SM (``bench/results/sm90-compile/student_row_stats_before_
 adds ~75 per pass-1 tile (344): ~34.9K per row, still 108 registers (first tries, a per-lane online update with two
 exponentials and -inf guards: 441; one exp2 per element: 369). The student's own accumulators then moved to base 2
 from the -FLT_MAX floor (no -inf guards): 255 per tile, ~28.2K per row, 108 registers
-(``bench/results/sm90-compile/3.7.1.md``).
+(``bench/results/sm90-compile/3.7.1.md``). The row loss in the epilogue: ~28.7K per row, 120 registers (triton 3.6:
+128, no spills), still 2 CTAs per SM.
 The network is written with ``tl.reshape``/``tl.sum``/``tl.max`` only, not ``tl.topk`` (its signature
 differs between Triton releases) nor ``tl.sort`` (a full sort is ~2.5x the work of the top-k network).
 """
@@ -72,6 +76,8 @@ from sdpo_ops.kernels.elementwise import (
     _store_target_logit,
 )
 from sdpo_ops.kernels.launch import check_row_output, launch, readable_width, runs_on_gpu
+from sdpo_ops.kernels.row_loss import _row_loss_epilogue, row_loss_launch_args
+from sdpo_ops.row_outputs import RowLossInputs
 
 # Packed key below every real one (the key of -inf is > INT32_MIN): lanes past V never enter the top-K.
 _PACKED_MIN = tl.constexpr(-(2**63))
@@ -191,11 +197,34 @@ def _student_row_stats_kernel(
     stride_teacher_c,
     stride_teacher_v,
     stride_teacher_topk_c,
+    old_logprobs_ptr,
+    row_weight_ptr,
+    loss_ptr,
+    divergence_ptr,
+    target_logprobs_ptr,
+    teacher_target_logprobs_ptr,
+    is_weight_ptr,
+    topk_mass_ptr,
+    row_scale_ptr,
+    dense_grad_ptr,
+    sparse_grad_ptr,
+    is_clip,
+    alpha,
+    log_one_minus_alpha,
+    log_alpha,
+    stride_sparse_grad,
     HAS_TOPK: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
     HAS_TEACHER: tl.constexpr,
+    HAS_ROW_LOSS: tl.constexpr,
+    HAS_SUPPORT: tl.constexpr,
+    ADD_TAIL: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    ALPHA_MODE: tl.constexpr,
+    TAIL_MAX: tl.constexpr,
+    LOG_RATIO_LIMIT: tl.constexpr,
     TEACHER_VEC: tl.constexpr,
     BLOCK_V: tl.constexpr,
     SUB: tl.constexpr,
@@ -266,14 +295,16 @@ def _student_row_stats_kernel(
     s, t = _rescaled(m, s, t, row_max)
     row_s = tl.sum(s, axis=0)
     # back from base 2; a row of -inf only: -FLT_MAX + log2(0) = -inf
-    tl.store(lse_ptr + pid_n, (row_max + tl.log2(row_s)) * _LN2)
+    lse = (row_max + tl.log2(row_s)) * _LN2
+    tl.store(lse_ptr + pid_n, lse)
     if HAS_ENTROPY:
         tl.store(entropy_ptr + pid_n, _entropy(row_s, tl.sum(t, axis=0)))
     if HAS_TEACHER:
         teacher_max = tl.max(m_teacher, axis=0)
         teacher_s = tl.sum(s_teacher * tl.exp2(m_teacher - teacher_max), axis=0)
         # back from base 2; a row of -inf only: -FLT_MAX + log2(0) = -inf
-        tl.store(teacher_lse_ptr + pid_n, (teacher_max + tl.log2(teacher_s)) * _LN2)
+        teacher_lse = (teacher_max + tl.log2(teacher_s)) * _LN2
+        tl.store(teacher_lse_ptr + pid_n, teacher_lse)
 
     if HAS_TOPK:
         # the candidate blocks: the K_PAD largest maxima (ties: lower block), descending, [K_PAD // GROUP, GROUP]
@@ -331,11 +362,22 @@ def _student_row_stats_kernel(
             u = _on_load(u.to(tl.float32), pre_scale, softcap_bound, HAS_SOFTCAP)
             tl.store(teacher_topk_ptr + pid_n * stride_teacher_topk_c + offs_k, u, mask=offs_k < K)
 
-    _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V, pre_scale, softcap_bound,
-                        HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
+    target_logit = _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V,
+                                       pre_scale, softcap_bound, HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
     if HAS_TEACHER:
-        _store_target_logit(teacher_row_ptr, stride_teacher_v, target_ids_ptr, teacher_target_ptr, pid_n, V, pre_scale,
-                            softcap_bound, HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
+        teacher_target = _store_target_logit(teacher_row_ptr, stride_teacher_v, target_ids_ptr, teacher_target_ptr,
+                                             pid_n, V, pre_scale, softcap_bound, HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
+        if HAS_ROW_LOSS:
+            # the row loss on the statistics still in registers (``row_loss._row_loss_epilogue``): no launch of its
+            # own, no [C, K] round trip; the support lanes from K on are -inf, as row_loss_ loads them
+            in_k = offs_k < K
+            _row_loss_epilogue(
+                pid_n, tl.where(in_k, value, -float("inf")), tl.where(in_k, u, -float("inf")), offs_k, K, lse,
+                teacher_lse, target_logit, teacher_target, old_logprobs_ptr, row_weight_ptr, loss_ptr,
+                divergence_ptr, target_logprobs_ptr, teacher_target_logprobs_ptr, is_weight_ptr, topk_mass_ptr,
+                row_scale_ptr, dense_grad_ptr, sparse_grad_ptr, is_clip, alpha, log_one_minus_alpha, log_alpha,
+                stride_sparse_grad, HAS_SUPPORT, ADD_TAIL, HAS_TARGET, HAS_IS, ALPHA_MODE, TAIL_MAX, LOG_RATIO_LIMIT,
+            )  # fmt: skip
 
 
 def student_row_stats(
@@ -349,6 +391,7 @@ def student_row_stats(
     entropy: Tensor | None = None,
     teacher_logits: Tensor | None = None,
     teacher_out: tuple[Tensor, Tensor, Tensor] | None = None,
+    row_loss: RowLossInputs | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Log-sum-exp, top-K and target logit per row of the student's logits (Triton); with ``teacher_logits``, the
@@ -372,6 +415,8 @@ def student_row_stats(
             log-sum-exp, then read at the student's top-K columns and the target; None: no teacher.
         teacher_out: ``(teacher_lse [C], teacher_topk_logits [C, K], teacher_target_logit [C])`` to write into;
             required with ``teacher_logits``.
+        row_loss: with a teacher and K > 0, the rest of ``row_loss_``'s arguments: the chunk's row loss is computed
+            in this launch's epilogue from the statistics in registers, as ``row_loss_`` would from the outputs.
         block_v: pass-1 tile width override (a power of two; raised to the top-K width), for tests and tuning.
     Returns:
         ``(lse [C], topk_logits [C, K], topk_index [C, K] int64, target_logit [C])``, fp32 except the index;
@@ -393,6 +438,8 @@ def student_row_stats(
     has_teacher = teacher_logits is not None
     if has_teacher:
         _check_teacher(teacher_logits, teacher_out, logits, topk)
+    if row_loss is not None and not (has_teacher and topk > 0):
+        raise ValueError("row_loss needs teacher_logits and topk > 0 (the support the row loss is over)")
 
     k_pad = max(triton.next_power_of_2(topk), 2)
     default_block_v, tile_blocks, num_warps = _CUDA_CONFIG if runs_on_gpu(logits) else _INTERPRET_CONFIG
@@ -432,6 +479,11 @@ def student_row_stats(
     hbm_bytes = C * (V + min(topk, num_blocks) * sub) * logits.element_size() + C * (topk * 12 + 16)
     if has_teacher:  # its row, the K + 1 gathered logits, and lse, top-K and target written
         hbm_bytes += C * ((V + topk + 1) * teacher_logits.element_size() + topk * 4 + 8)
+    # without a row loss its pointers are placeholders, never touched: HAS_ROW_LOSS compiles the epilogue away
+    loss_args = row_loss_launch_args(row_loss, has_support=True, has_target=target_ids is not None, placeholder=lse)
+    del loss_args["HAS_TARGET"]  # the kernel's own flag
+    if row_loss is not None:  # what it reads and writes beyond the statistics: ~16 floats a row, [C, K] coefficients
+        hbm_bytes += C * (topk + 12) * 4
     launch(
         _student_row_stats_kernel,
         (C,),
@@ -468,6 +520,8 @@ def student_row_stats(
         HAS_SOFTCAP=softcap_bound is not None,
         HAS_ENTROPY=entropy is not None,
         HAS_TEACHER=has_teacher,
+        HAS_ROW_LOSS=row_loss is not None,
+        **loss_args,
         TEACHER_VEC=min(_TEACHER_VEC, block_v),
         BLOCK_V=block_v,
         SUB=sub,

@@ -10,6 +10,9 @@ student's top-K, possibly followed by the target):
                t = sum 2^(u' - m) (u' - m), moved with s (``elementwise._rescaled``): entropy = (log2 s - t / s) ln 2
     gathered_j = u[index_j]   (one masked gather of J <= BLOCK_J elements; out-of-range columns read NaN)
 
+    row loss   (HAS_ROW_LOSS: a served teacher, the row the student's) ``row_loss._row_loss_epilogue`` on the
+               registers, against the teacher's log-probs at the same columns.
+
 Written: ``lse [C]``, ``gathered [C, J]``, ``target_logit [C]``, ``entropy [C]`` when asked. The teacher needs its
 full row only for the log-sum-exp; the gather is an indexed read of a few hundred bytes per row.
 """
@@ -32,6 +35,8 @@ from sdpo_ops.kernels.elementwise import (
     _store_target_logit,
 )
 from sdpo_ops.kernels.launch import check_row_output, launch, readable_width, runs_on_gpu
+from sdpo_ops.kernels.row_loss import _row_loss_epilogue, row_loss_launch_args
+from sdpo_ops.row_outputs import RowLossInputs
 
 # (BLOCK_V, num_warps) per device type; the interpreter favours few, larger tiles (its cost is per op).
 _CUDA_CONFIG = (4096, 8)
@@ -57,11 +62,36 @@ def _teacher_row_stats_kernel(
     stride_index_c,
     stride_index_j,
     stride_gathered_c,
+    teacher_logprobs_ptr,
+    stride_teacher_logprobs_c,
+    old_logprobs_ptr,
+    row_weight_ptr,
+    loss_ptr,
+    divergence_ptr,
+    target_logprobs_ptr,
+    teacher_target_logprobs_ptr,
+    is_weight_ptr,
+    topk_mass_ptr,
+    row_scale_ptr,
+    dense_grad_ptr,
+    sparse_grad_ptr,
+    is_clip,
+    alpha,
+    log_one_minus_alpha,
+    log_alpha,
+    stride_sparse_grad,
     BLOCK_V: tl.constexpr,
     BLOCK_J: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     HAS_ENTROPY: tl.constexpr,
+    HAS_ROW_LOSS: tl.constexpr,
+    HAS_SUPPORT: tl.constexpr,
+    ADD_TAIL: tl.constexpr,
+    HAS_IS: tl.constexpr,
+    ALPHA_MODE: tl.constexpr,
+    TAIL_MAX: tl.constexpr,
+    LOG_RATIO_LIMIT: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + pid_n * stride_logits_c
@@ -83,7 +113,8 @@ def _teacher_row_stats_kernel(
         t += tl.sum(e_log, axis=0)
         m = m_new
     # back from base 2; a row of -inf only: -FLT_MAX + log2(0) = -inf
-    tl.store(lse_ptr + pid_n, (m + tl.log2(s)) * _LN2)
+    lse = (m + tl.log2(s)) * _LN2
+    tl.store(lse_ptr + pid_n, lse)
     if HAS_ENTROPY:
         tl.store(entropy_ptr + pid_n, _entropy(s, t))
 
@@ -96,8 +127,19 @@ def _teacher_row_stats_kernel(
     gathered = _on_load(gathered, pre_scale, softcap_bound, HAS_SOFTCAP)
     tl.store(gathered_ptr + pid_n * stride_gathered_c + offs_j, gathered, mask=in_j)
 
-    _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V, pre_scale, softcap_bound,
-                        HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
+    target_logit = _store_target_logit(row_ptr, stride_logits_v, target_ids_ptr, target_logit_ptr, pid_n, V,
+                                       pre_scale, softcap_bound, HAS_TARGET, HAS_SOFTCAP)  # fmt: skip
+    if HAS_ROW_LOSS:
+        # a served teacher (the row is the student's): the row loss on these statistics against its log-probs, whose
+        # log-sum-exp and target logit are 0 (``row_loss._row_loss_epilogue``: no launch, no [C, K] round trip)
+        t = tl.load(teacher_logprobs_ptr + pid_n * stride_teacher_logprobs_c + offs_j, mask=in_j, other=-float("inf"))
+        _row_loss_epilogue(
+            pid_n, tl.where(in_j, gathered, -float("inf")), t.to(tl.float32), offs_j, J, lse, 0.0, target_logit, 0.0,
+            old_logprobs_ptr, row_weight_ptr, loss_ptr, divergence_ptr, target_logprobs_ptr,
+            teacher_target_logprobs_ptr, is_weight_ptr, topk_mass_ptr, row_scale_ptr, dense_grad_ptr, sparse_grad_ptr,
+            is_clip, alpha, log_one_minus_alpha, log_alpha, stride_sparse_grad, HAS_SUPPORT, ADD_TAIL, HAS_TARGET,
+            HAS_IS, ALPHA_MODE, TAIL_MAX, LOG_RATIO_LIMIT,
+        )  # fmt: skip
 
 
 def teacher_row_stats(
@@ -109,6 +151,7 @@ def teacher_row_stats(
     pre_scale: float = 1.0,
     softcap_bound: float | None = None,
     entropy: Tensor | None = None,
+    row_loss: RowLossInputs | None = None,
     block_v: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Log-sum-exp per row of the teacher's logits and the logits at the given columns (Triton).
@@ -124,6 +167,9 @@ def teacher_row_stats(
         softcap_bound: ``softcap / temperature`` for a softcapped head (statistics of ``bound * tanh(logits)``).
         entropy: [C] to write each row's entropy into (of the softmax of the transformed logits), from the
             log-sum-exp's own pass; None: not computed.
+        row_loss: for a served teacher (``logits`` the student's, ``index`` the teacher's ids), the rest of
+            ``row_loss_``'s arguments, ``served_teacher_logprobs`` [C, J] given: the chunk's row loss in this launch's
+            epilogue.
         block_v: tile width override (a power of two), for tests and tuning.
     Returns:
         ``(lse [C], gathered [C, J], target_logit [C])``, fp32; ``target_logit`` is zeros without targets.
@@ -154,14 +200,28 @@ def teacher_row_stats(
             torch.empty(C, J, dtype=torch.float32, device=logits.device),
             torch.empty(C, dtype=torch.float32, device=logits.device),
         )
+    if row_loss is not None:
+        served = row_loss.served_teacher_logprobs
+        if served is None or served.shape != (C, J) or served.device != logits.device:
+            raise ValueError(
+                f"row_loss needs served_teacher_logprobs of shape [C, J] = [{C}, {J}] on the logits' device"
+            )
     lse, gathered, target_logit = out
     if C == 0:
         return out
+    # without a row loss its pointers are placeholders, never touched: HAS_ROW_LOSS compiles the epilogue away
+    loss_args = row_loss_launch_args(row_loss, has_support=True, has_target=target_ids is not None, placeholder=lse)
+    del loss_args["HAS_TARGET"]  # the kernel's own flag
+    served = None if row_loss is None else row_loss.served_teacher_logprobs
+    if served is not None and served.stride(1) != 1:  # the kernel reads a row's log-probs with unit stride
+        served = served.contiguous()
 
     launch(
         _teacher_row_stats_kernel,
         (C,),
-        hbm_bytes=C * (V + J + 1) * logits.element_size() + C * (J * 12 + 16 + 4 * (entropy is not None)),
+        hbm_bytes=C * (V + J + 1) * logits.element_size()
+        + C * (J * 12 + 16 + 4 * (entropy is not None))
+        + (0 if row_loss is None else C * (2 * J + 12) * 4),
         logits_ptr=logits,
         index_ptr=index,
         lse_ptr=lse,
@@ -184,6 +244,10 @@ def teacher_row_stats(
         HAS_TARGET=target_ids is not None,
         HAS_SOFTCAP=softcap_bound is not None,
         HAS_ENTROPY=entropy is not None,
+        HAS_ROW_LOSS=row_loss is not None,
+        teacher_logprobs_ptr=lse if served is None else served,
+        stride_teacher_logprobs_c=0 if served is None else served.stride(0),
+        **loss_args,
         num_warps=num_warps,
     )
     return out
