@@ -98,12 +98,7 @@ def student_row_stats(
     if row_loss is not None:
         if teacher_logits is None or topk == 0:
             raise ValueError("row_loss needs teacher_logits and topk > 0 (the support the row loss is over)")
-        has_target = target_ids is not None
-        row_loss_(
-            row_loss.rows._replace(student_lse=out[0], teacher_lse=teacher_out[0]), out[1], teacher_out[1],
-            out[3] if has_target else None, teacher_out[2] if has_target else None, row_loss.old_logprobs,
-            row_loss.row_weight, add_tail=row_loss.add_tail, alpha=row_loss.alpha, is_clip=row_loss.is_clip,
-        )  # fmt: skip
+        _stage_row_loss(row_loss, (out[0], out[1], out[3]), teacher_out, target_ids is not None)
     return out
 
 
@@ -141,12 +136,7 @@ def teacher_row_stats(
         if served is None or served.shape != index.shape:
             raise ValueError(f"row_loss needs served_teacher_logprobs of shape [C, J] = {list(index.shape)}")
         zeros = torch.zeros_like(out[0])  # the served teacher's log-sum-exp and target logit
-        has_target = target_ids is not None
-        row_loss_(
-            row_loss.rows._replace(student_lse=out[0], teacher_lse=zeros), out[1], served,
-            out[2] if has_target else None, zeros if has_target else None, row_loss.old_logprobs, row_loss.row_weight,
-            add_tail=row_loss.add_tail, alpha=row_loss.alpha, is_clip=row_loss.is_clip,
-        )  # fmt: skip
+        _stage_row_loss(row_loss, out, (zeros, served, zeros), target_ids is not None)
     return out
 
 
@@ -177,6 +167,17 @@ def full_vocab_divergence(
         student_logits - student_lse[:, None], teacher_logits - teacher_lse[:, None], alpha
     )
     return _into(out, (divergence, grad.sum(-1)))
+
+
+def _stage_row_loss(inputs: RowLossInputs, student: tuple[Tensor, ...], teacher: tuple[Tensor, ...],
+                    has_target: bool) -> None:  # fmt: skip
+    """``row_loss_`` on a stats stage's results, each side ``(lse, topk_logits, target_logit)``: what the Triton stats
+    kernels run in their epilogue."""
+    rows = inputs.rows._replace(student_lse=student[0], teacher_lse=teacher[0])
+    row_loss_(
+        rows, student[1], teacher[1], student[2] if has_target else None, teacher[2] if has_target else None,
+        inputs.old_logprobs, inputs.row_weight, add_tail=inputs.add_tail, alpha=inputs.alpha, is_clip=inputs.is_clip,
+    )  # fmt: skip
 
 
 def row_loss_(

@@ -211,15 +211,14 @@ def _row_loss_kernel(
     )  # fmt: skip
 
 
-def row_loss_launch_args(inputs: RowLossInputs | None, has_support: bool, has_target: bool,
-                         placeholder: Tensor | None = None) -> dict:  # fmt: skip
+def row_loss_launch_args(inputs: RowLossInputs | None, has_support: bool, placeholder: Tensor | None = None) -> dict:
     """The arguments ``_row_loss_epilogue`` takes from its caller's launch, both kernels' (unit-stride rows: a caller's
     per-row tensor may be a strided view). ``inputs`` None (a launch without the row loss): every pointer is
     ``placeholder``, never read."""
     if inputs is None:
         pointers = dict.fromkeys(_ROW_LOSS_POINTERS, placeholder)
         return pointers | dict(is_clip=1.0, stride_sparse_grad=0, HAS_SUPPORT=has_support, ADD_TAIL=False,
-                               HAS_TARGET=has_target, HAS_IS=False, **gjsd_launch_args(0.0), TAIL_MAX=0.0,
+                               HAS_IS=False, **gjsd_launch_args(0.0), TAIL_MAX=0.0,
                                LOG_RATIO_LIMIT=0.0)  # fmt: skip
     rows = inputs.rows
     has_is = inputs.old_logprobs is not None and inputs.is_clip is not None
@@ -241,7 +240,6 @@ def row_loss_launch_args(inputs: RowLossInputs | None, has_support: bool, has_ta
         stride_sparse_grad=rows.sparse_grad.stride(0),
         HAS_SUPPORT=has_support,
         ADD_TAIL=bool(inputs.add_tail),
-        HAS_TARGET=has_target,
         HAS_IS=has_is,
         **gjsd_launch_args(inputs.alpha),
         TAIL_MAX=TAIL_LOG_MASS_MAX,
@@ -307,5 +305,6 @@ def row_loss_(
         stride_student_topk=student_topk_logits.stride(0) if has_support else 0,
         stride_teacher_topk=teacher_topk_logits.stride(0) if has_support else 0,
         BLOCK_K=max(triton.next_power_of_2(K), 2),
-        **row_loss_launch_args(inputs, has_support, has_target),
+        HAS_TARGET=has_target,
+        **row_loss_launch_args(inputs, has_support),
     )

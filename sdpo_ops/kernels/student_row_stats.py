@@ -480,8 +480,7 @@ def student_row_stats(
     if has_teacher:  # its row, the K + 1 gathered logits, and lse, top-K and target written
         hbm_bytes += C * ((V + topk + 1) * teacher_logits.element_size() + topk * 4 + 8)
     # without a row loss its pointers are placeholders, never touched: HAS_ROW_LOSS compiles the epilogue away
-    loss_args = row_loss_launch_args(row_loss, has_support=True, has_target=target_ids is not None, placeholder=lse)
-    del loss_args["HAS_TARGET"]  # the kernel's own flag
+    loss_args = row_loss_launch_args(row_loss, has_support=True, placeholder=lse)
     if row_loss is not None:  # what it reads and writes beyond the statistics: ~16 floats a row, [C, K] coefficients
         hbm_bytes += C * (topk + 12) * 4
     launch(

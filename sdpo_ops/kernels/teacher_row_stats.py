@@ -210,8 +210,7 @@ def teacher_row_stats(
     if C == 0:
         return out
     # without a row loss its pointers are placeholders, never touched: HAS_ROW_LOSS compiles the epilogue away
-    loss_args = row_loss_launch_args(row_loss, has_support=True, has_target=target_ids is not None, placeholder=lse)
-    del loss_args["HAS_TARGET"]  # the kernel's own flag
+    loss_args = row_loss_launch_args(row_loss, has_support=True, placeholder=lse)
     served = None if row_loss is None else row_loss.served_teacher_logprobs
     if served is not None and served.stride(1) != 1:  # the kernel reads a row's log-probs with unit stride
         served = served.contiguous()
